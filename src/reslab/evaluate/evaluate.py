@@ -1,0 +1,105 @@
+"""``reslab eval`` and ``reslab predict``: a trained run on a dataset, or on single image files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reslab.train.checkpoint import find_checkpoint, load_model
+from reslab.train.engine import autocast_dtype, evaluate_loader, select_device
+from reslab.train.rundir import environment_info, write_json
+
+
+def load_data_for_model(card: dict, data: str | None, **kwargs):
+    """Load ``data`` (default: the data the model was trained on) decoded the way the model expects,
+    with labels mapped onto the model's class list by name."""
+    from reslab.data import load_data
+
+    prep = card["preprocessing"]
+    spec = data or card["data"]
+    splits = load_data(spec, image_size=_stored_side(prep), channels=prep["channels"], progress=False, **kwargs)
+    if list(splits.classes) != list(card["classes"]):
+        unknown = sorted(set(splits.classes) - set(card["classes"]))
+        if unknown:
+            raise ValueError(f"--data {spec}: classes {unknown[:5]} are not among the model's "
+                             f"{len(card['classes'])} classes; evaluate on data with the model's classes "
+                             "or fine-tune first (`reslab finetune`)")
+        index = {c: i for i, c in enumerate(card["classes"])}
+        remap = np.array([index[c] for c in splits.classes])
+        for split in (splits.train, splits.val, splits.test):
+            if split is not None:
+                split.labels = remap[split.labels]
+    return splits
+
+
+def _stored_side(prep: dict) -> int | None:
+    h, w = prep["stored_size"]
+    return h if h == w else None
+
+
+def model_loader(card: dict, images, *, device, batch_size: int = 512):
+    from reslab.data import BatchLoader
+
+    prep = card["preprocessing"]
+    h, w = prep["input_size"]
+    return BatchLoader(images, batch_size=batch_size, mean=prep["mean"], std=prep["std"], device=device,
+                       image_size=h if (h, w) != tuple(prep["stored_size"]) else None)
+
+
+def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", device: str = "auto",
+             batch_size: int = 512, amp: str = "auto", tta_flip: bool = False, out: str | Path | None = None,
+             ) -> dict[str, Any]:
+    """Top-1, top-5, loss and per-class accuracy of a run's best checkpoint on a split of ``data``.
+
+    Writes ``eval-<split>.json`` into the run directory (or ``out``) and returns the same dict.
+    """
+    dev = select_device(device)
+    model, card = load_model(run, device=dev)
+    splits = load_data_for_model(card, data)
+    images = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
+    if images is None:
+        raise ValueError(f"--split {split}: the data has no such split (choose test, val or train)")
+    result = evaluate_loader(model, model_loader(card, images, device=dev, batch_size=batch_size), device=dev,
+                             amp_dtype=autocast_dtype(dev, amp), num_classes=card["num_classes"],
+                             tta_flip=tta_flip)
+    result.update({"split": split, "data": data or card["data"], "checkpoint": str(find_checkpoint(run)),
+                   "classes": card["classes"],
+                   "per_class_accuracy": dict(zip(card["classes"], result["per_class_accuracy"])),
+                   "environment": environment_info(str(dev))})
+    ckpt = find_checkpoint(run)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    target = Path(out) if out else run_dir / f"eval-{split}.json"
+    write_json(target, result)
+    result["written_to"] = str(target)
+    return result
+
+
+def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device: str = "auto",
+            amp: str = "auto") -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for each image file, using the preprocessing stored with the model."""
+    from reslab.data import ImageArray
+    from reslab.data.sources import decode_image
+
+    dev = select_device(device)
+    model, card = load_model(run, device=dev)
+    prep = card["preprocessing"]
+    arrays = [decode_image(p, channels=prep["channels"], size=tuple(prep["stored_size"])) for p in images]
+    batch = ImageArray(images=np.stack(arrays), labels=np.zeros(len(arrays), dtype=np.int64),
+                       files=[str(p) for p in images])
+    k = min(topk, card["num_classes"])
+    results = []
+    amp_dtype = autocast_dtype(dev, amp)
+    with torch.no_grad():
+        probs = []
+        for x, _ in model_loader(card, batch, device=dev, batch_size=64):
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+        probs = torch.cat(probs)
+    for path, p in zip(images, probs):
+        values, idx = p.topk(k)
+        results.append({"file": str(path),
+                        "top": [{"class": card["classes"][i], "probability": float(v)}
+                                for v, i in zip(values.tolist(), idx.tolist())]})
+    return results

@@ -1,0 +1,19 @@
+"""reslab model zoo: importing this package registers every architecture family."""
+from .base import ClassifierNet, StageInfo
+from .complexity import count_macs, count_params, model_summary
+from .registry import create_model, list_models, model_entry, register_model
+
+# Family modules register their builders on import.
+from . import resnet, resnet_cifar  # noqa: E402,F401  (isort: skip)
+
+__all__ = [
+    "ClassifierNet",
+    "StageInfo",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "model_summary",
+    "register_model",
+]

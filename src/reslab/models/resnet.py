@@ -1,0 +1,85 @@
+"""ImageNet ResNets of He et al. 2016, "Deep Residual Learning for Image Recognition", Table 1.
+
+A 7x7/2 stem conv and 3x3/2 max pool, four stages at strides 4/8/16/32 with 64/128/256/512 planes,
+global average pooling and a 1000-way fc. Shortcuts are option B (projection only when shapes change) and
+bottlenecks put their stride on the 3x3 conv ("V1.5"), both as torchvision, whose state_dict keys these
+models share exactly: a torchvision ResNet's weights load with ``load_state_dict(strict=True)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .base import ClassifierNet
+from .blocks import BasicBlock, Bottleneck, ResidualBlock, drop_path_rates, init_weights, make_stage
+from .registry import register_model
+
+_PAPER = "He et al. 2016, Table 1"
+
+
+class ResNet(ClassifierNet):
+    """ImageNet ResNet (He et al. 2016, Table 1); ``groups``/``width_per_group`` leave room for ResNeXt."""
+
+    def __init__(self, block: type[ResidualBlock], depths: Sequence[int], *, num_classes: int = 1000,
+                 in_chans: int = 3, shortcut: str = "B", groups: int = 1, width_per_group: int = 64,
+                 drop_path_rate: float = 0.0, zero_init_residual: bool = False):
+        super().__init__()
+        stem_channels = 64
+        self.conv1 = nn.Conv2d(in_chans, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        rates = drop_path_rates(drop_path_rate, depths)
+        channels, reduction, self.stage_info = stem_channels, 4, []
+        for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            name = f"layer{i + 1}"
+            stage, info = make_stage(name, block, channels, planes, depth, stride=1 if i == 0 else 2,
+                                     in_reduction=reduction, shortcut=shortcut, drop_path_rates=rates[i],
+                                     groups=groups, base_width=width_per_group)
+            self.add_module(name, stage)
+            self.stage_info.append(info)
+            channels, reduction = info.channels, info.reduction
+        self.num_features = channels
+
+        init_weights(self, zero_init_residual)
+        self.reset_classifier(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+
+@register_model(paper=_PAPER, input_size=(3, 224, 224), num_classes=1000, tags=("imagenet", "resnet"))
+def resnet18(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> ResNet:
+    """ResNet-18: 11.7M params, 1.8 GFLOPs (multiply-adds) in Table 1."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@register_model(paper=_PAPER, input_size=(3, 224, 224), num_classes=1000, tags=("imagenet", "resnet"))
+def resnet34(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> ResNet:
+    """ResNet-34: 21.8M params, 3.6 GFLOPs."""
+    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@register_model(paper=_PAPER, input_size=(3, 224, 224), num_classes=1000, tags=("imagenet", "resnet"))
+def resnet50(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> ResNet:
+    """ResNet-50: 25.6M params, 3.8 GFLOPs in the paper (4.1 G with the V1.5 stride placement)."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@register_model(paper=_PAPER, input_size=(3, 224, 224), num_classes=1000, tags=("imagenet", "resnet"))
+def resnet101(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> ResNet:
+    """ResNet-101: 44.5M params, 7.6 GFLOPs in the paper."""
+    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@register_model(paper=_PAPER, input_size=(3, 224, 224), num_classes=1000, tags=("imagenet", "resnet"))
+def resnet152(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> ResNet:
+    """ResNet-152: 60.2M params, 11.3 GFLOPs in the paper."""
+    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, in_chans=in_chans, **kwargs)

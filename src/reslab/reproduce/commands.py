@@ -1,0 +1,3 @@
+"""`reslab` subcommands of this package: each builder adds one subparser (see reslab.cli)."""
+
+COMMANDS: list = []

@@ -1,0 +1,249 @@
+"""One typed configuration for a training run: defaults < recipe file < CLI flags.
+
+The resolved config is saved as ``config.yaml`` in the run directory, so a run can be repeated or resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train, on what
+    model: str = "resnet20"  # registry name (`reslab models`)
+    model_kwargs: dict = field(default_factory=dict)  # family options, e.g. {"shortcut": "B"}
+    data: str = "digits"  # digits | cifar10:DIR | cifar100:DIR | an ImageFolder path
+    val_fraction: float = 0.0  # held out of train for model selection (He et al.: 5k of 50k = 0.1)
+    image_size: int | None = None  # resize stored images to this side (None: keep the data's native size)
+    recipe: str | None = None  # name of a shipped recipe or a YAML file; recorded for provenance
+
+    # --- schedule length: epochs, or iterations as in the paper (iterations win when both are set)
+    epochs: int = 30
+    iterations: int | None = None
+    batch_size: int = 128  # global batch, whatever the number of processes
+
+    # --- optimiser (SGD with momentum, as in He et al. 2016 §3.4 / §4.2)
+    optimizer: str = "sgd"  # sgd | nesterov | adamw
+    lr: float = 0.1  # peak learning rate for the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay
+    label_smoothing: float = 0.0
+
+    # --- learning-rate schedule (multipliers of lr, computed per iteration)
+    schedule: str = "step"  # step | cosine | onecycle | constant
+    milestones: list[int] = field(default_factory=list)  # iterations where lr is multiplied by gamma (step)
+    milestone_epochs: list[float] = field(default_factory=list)  # the same in epochs (converted at start)
+    gamma: float = 0.1
+    warmup_iters: int = 0  # iterations of warm-up
+    warmup_lr: float | None = None  # constant warm-up lr (He et al. resnet110: 0.01); None = linear from 0
+    final_lr_fraction: float = 0.0  # cosine/onecycle end value as a fraction of lr
+
+    # --- augmentation (batched, on the training device)
+    crop_padding: int = 4  # pad-and-crop, He et al. §4.2
+    flip: bool = True
+
+    # --- speed
+    amp: str = "auto"  # auto | bf16 | fp16 | off   (auto: bf16 where the hardware runs it fast)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the training step's model
+    ema_decay: float = 0.0  # exponential moving average of weights (0 = off), evaluated instead of raw weights
+    threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
+
+    # --- evaluation and output
+    eval_every: int = 1  # evaluate every N epochs (and always at the end)
+    eval_batch_size: int = 512
+    tta_flip: bool = False  # average predictions over the image and its mirror at test time
+    out: str | None = None  # run directory (default runs/<model>-<data>-<time>)
+    tensorboard: bool = False
+    progress: bool = True
+
+    # --- reproducibility and hardware
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (slower); exact resume works either way on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sync_bn: bool = False  # SyncBatchNorm under torch.distributed
+    nan_policy: str = "stop"  # stop | skip  (skip: drop the step and halve the learning rate)
+
+    def validate(self) -> "TrainConfig":
+        def bad(option: str, why: str):
+            raise ConfigError(f"invalid --{option.replace('_', '-')}: {why}")
+
+        if self.epochs < 1 and not self.iterations:
+            bad("epochs", f"must be >= 1, got {self.epochs}")
+        if self.iterations is not None and self.iterations < 1:
+            bad("iterations", f"must be >= 1, got {self.iterations}")
+        if self.batch_size < 1:
+            bad("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", f"must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.label_smoothing < 1:
+            bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.val_fraction < 1:
+            bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.crop_padding < 0:
+            bad("crop_padding", f"must be >= 0, got {self.crop_padding}")
+        if self.image_size is not None and self.image_size < 1:
+            bad("image_size", f"must be >= 1, got {self.image_size}")
+        if self.eval_every < 1:
+            bad("eval_every", f"must be >= 1, got {self.eval_every}")
+        choices = {
+            "optimizer": ("sgd", "nesterov", "adamw"),
+            "schedule": ("step", "cosine", "onecycle", "constant"),
+            "amp": ("auto", "bf16", "fp16", "off"),
+            "nan_policy": ("stop", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                bad(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        if any(m < 0 for m in self.milestones):
+            bad("milestones", "iterations must be >= 0")
+        from reslab.models import model_entry
+
+        try:
+            model_entry(self.model)
+        except ValueError as e:
+            raise ConfigError(f"invalid --model: {e}") from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPE_DIR = "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("reslab.train").joinpath(RECIPE_DIR).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """Values of a shipped recipe (by name) or of a YAML file (by path), checked against TrainConfig."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text()
+        where = str(path)
+    else:
+        res = resources.files("reslab.train").joinpath(RECIPE_DIR, f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(list_recipes())}"
+                              " (or give a path to a YAML file)")
+        text = res.read_text()
+        where = f"recipe {name_or_path}"
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of option: value, got {type(values).__name__}")
+    values.pop("description", None)
+    per_model = values.get("per_model", {})
+    if not isinstance(per_model, dict) or not all(isinstance(v, dict) for v in per_model.values()):
+        raise ConfigError(f"{where}: per_model must map model names to option mappings")
+    for model_values in per_model.values():
+        _check_keys(model_values, f"{where} (per_model)")
+    _check_keys({k: v for k, v in values.items() if k != "per_model"}, where)
+    return values
+
+
+def _check_keys(values: dict, where: str) -> None:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check a recipe/flag value against the field's type, so a typo fails early with the option's name."""
+    default = getattr(TrainConfig(), name)
+    if value is None or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return [type(default[0])(v) if default else _number(v) for v in value]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: option {name!r} expects {type(default).__name__}, got {value!r}") from None
+
+
+def _number(v):
+    f = float(v)
+    return int(f) if f.is_integer() and "." not in str(v) else f
+
+
+def coerce_values(values: dict[str, Any], where: str = "flags") -> dict[str, Any]:
+    """Check option names and convert values to the field types (e.g. CLI strings)."""
+    _check_keys(values, where)
+    return {k: _coerce(k, v, where) for k, v in values.items()}
+
+
+def resolve_config(overrides: dict[str, Any] | None = None, recipe: str | None = None) -> TrainConfig:
+    """Defaults < recipe < overrides (None values in overrides mean 'not given')."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    recipe = overrides.pop("recipe", None) or recipe
+    values: dict[str, Any] = {}
+    if recipe:
+        recipe_values = read_recipe(recipe)
+        per_model = recipe_values.pop("per_model", {})
+        values.update(recipe_values)
+        # Model-specific recipe values (e.g. the paper's resnet110 warm-up) apply before flags.
+        values.update(per_model.get(overrides.get("model", values.get("model")), {}))
+        values["recipe"] = recipe
+    _check_keys(overrides, "flags")
+    values.update(overrides)
+    typed = {k: _coerce(k, v, f"recipe {recipe}" if k not in overrides else "flags") for k, v in values.items()}
+    return TrainConfig(**typed).validate()
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """Read a run's saved ``config.yaml`` back into a TrainConfig."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    _check_keys(values, str(path))
+    return TrainConfig(**{k: _coerce(k, v, str(path)) for k, v in values.items()})
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    from reslab.train.rundir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

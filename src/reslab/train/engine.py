@@ -1,0 +1,195 @@
+"""Small step functions with explicit parameters, each testable alone: device/precision choice, the
+optimizer, one training step, evaluation over a loader, and the weight EMA."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reslab.train.config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory, ...); the message says what to change."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 autocast is faster than fp32 on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (None: full fp32)."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (optionally Nesterov) or AdamW; BN parameters and biases optionally excluded from weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if cfg.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss of the batch (detached)
+    correct: torch.Tensor  # number of correct top-1 predictions (detached)
+    finite: bool
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+               device: torch.device, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
+               label_smoothing: float = 0.0, check_finite: bool = True, loss_fn=None) -> StepResult:
+    """One SGD step. A non-finite loss skips the update and reports ``finite=False``."""
+    with autocast(device, amp_dtype):
+        logits = model(x)
+    if loss_fn is None:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    else:
+        loss = loss_fn(logits, y)
+    finite = bool(torch.isfinite(loss)) if check_finite else True
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        correct = (logits.argmax(1) == y).sum()
+    return StepResult(loss.detach(), correct, finite)
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch.dtype | None,
+                    num_classes: int, tta_flip: bool = False, return_outputs: bool = False) -> dict:
+    """Top-1, top-5, mean loss and per-class accuracy of ``model`` over every sample of ``loader``."""
+    was_training = model.training
+    model.eval()
+    total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
+    class_total = torch.zeros(num_classes, dtype=torch.long)
+    class_correct = torch.zeros(num_classes, dtype=torch.long)
+    all_logits, all_labels = [], []
+    k = min(5, num_classes)
+    for x, y in loader:
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            if tta_flip:
+                logits = (logits.float() + model(torch.flip(x, dims=[3])).float()) / 2
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices
+        hit1 = (topk[:, 0] == y)
+        correct1 += int(hit1.sum())
+        correct5 += int((topk == y[:, None]).any(1).sum())
+        total += y.numel()
+        y_cpu, hit_cpu = y.cpu(), hit1.cpu()
+        class_total += torch.bincount(y_cpu, minlength=num_classes)
+        class_correct += torch.bincount(y_cpu[hit_cpu], minlength=num_classes)
+        if return_outputs:
+            all_logits.append(logits.cpu())
+            all_labels.append(y_cpu)
+    model.train(was_training)
+    if total == 0:
+        raise TrainingError("evaluation set is empty")
+    out = {
+        "top1": correct1 / total,
+        "top5": correct5 / total,
+        "loss": loss_sum / total,
+        "count": total,
+        "per_class_accuracy": [(c / t) if t else None for c, t in zip(class_correct.tolist(), class_total.tolist())],
+    }
+    if return_outputs:
+        out["logits"] = torch.cat(all_logits)
+        out["labels"] = torch.cat(all_labels)
+    return out
+
+
+class ModelEMA:
+    """Exponential moving average of weights (and a copy of buffers), evaluated instead of the raw weights.
+
+    ``decay`` is per step; Polyak & Juditsky 1992, as used by modern recipes (e.g. timm's ModelEmaV2).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            target = ema_state[name]
+            if value.dtype.is_floating_point:
+                target.lerp_(value.detach(), 1 - self.decay)
+            else:
+                target.copy_(value)
+
+
+def check_loss(result: StepResult, step: int, policy: str) -> None:
+    if not result.finite and policy == "stop":
+        raise TrainingError(f"the loss became {result.loss.item()} at step {step}; lower --lr, check the data, "
+                            "or pass --nan-policy skip to skip such steps and halve the learning rate")
+
+
+def out_of_memory_message(batch_size: int) -> str:
+    return (f"out of memory with batch size {batch_size}; try --batch-size {max(1, batch_size // 2)} "
+            "(the learning rate keeps its meaning for the global batch; scale --lr with it if you change it)")
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
