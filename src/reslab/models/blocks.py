@@ -5,9 +5,12 @@ He et al. 2016 §3.3 and "plain"), ``BasicBlock`` and ``Bottleneck`` (He et al. 
 ``make_stage``. Attribute names follow torchvision (conv1, bn1, conv2, bn2, conv3, bn3, downsample, relu)
 so torchvision state_dicts load with no key mapping.
 
-Extension points for later blocks (pre-activation v2, MobileNetV2 inverted residuals, Inception-ResNet
-with residual scaling) are ``ResidualBlock.merge`` (where the branch meets the shortcut) and
-``make_stage``, which accepts any block class with the same constructor shape.
+Later families extend the same plumbing: ``ResidualBlock.merge`` (where the branch meets the shortcut,
+with an optional ``residual_scale``) is shared by the pre-activation blocks (He et al. 2016b, also the
+wide ResNets), ``InvertedResidual`` (MobileNetV2) and the Inception-ResNet blocks; ``make_stage`` accepts
+any block class with the BasicBlock constructor shape; ``ConvNormAct`` is the conv-BN-activation unit of
+the non-ResNet families (same keys as torchvision's ``Conv2dNormActivation``); ``StagedNet`` is the one
+network body (stem, stages, optional final BN-ReLU, head) that the new CIFAR/ImageNet families share.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import StageInfo
+from .base import ClassifierNet, StageInfo
 
 NormLayer = Callable[[int], nn.Module]
 SHORTCUT_KINDS = ("A", "B", "C", "plain")
@@ -32,6 +35,28 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution, used for bottleneck reduce/expand and projection shortcuts."""
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (no bias) -> BN -> activation, the unit of MobileNetV2, Inception and plain nets.
+
+    A ``Sequential`` with children 0/1/2, so keys are ``*.0.weight`` / ``*.1.running_mean`` as in
+    torchvision's ``Conv2dNormActivation``. ``padding=None`` keeps the spatial size ('same' for odd kernels);
+    Inception's 'valid' convolutions pass ``padding=0``. ``activation=None`` leaves the output linear.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 3,
+                 stride: int = 1, *, groups: int = 1, padding: int | tuple[int, int] | None = None,
+                 norm_layer: NormLayer = nn.BatchNorm2d, activation: Callable[..., nn.Module] | None = nn.ReLU):
+        kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if padding is None:
+            padding = tuple((k - 1) // 2 for k in kernel)
+        layers = [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups,
+                            bias=False), norm_layer(out_channels)]
+        if activation is not None:
+            layers.append(activation(inplace=True))
+        super().__init__(*layers)
+        self.out_channels = out_channels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,11 +127,12 @@ class PadShortcut(nn.Module):
 
 
 def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int,
-                  norm_layer: NormLayer = nn.BatchNorm2d) -> nn.Module | None:
+                  norm_layer: NormLayer | None = nn.BatchNorm2d) -> nn.Module | None:
     """The shortcut path of one block, ``None`` meaning plain identity (or no shortcut at all for "plain").
 
     He et al. 2016, §3.3 / Table 3: (A) zero-padding identity when shapes change, (B) 1x1 projection + BN
-    only when shapes change (torchvision's choice), (C) projection on every block.
+    only when shapes change (torchvision's choice), (C) projection on every block. ``norm_layer=None``
+    gives a bare 1x1 projection: pre-activation blocks feed it an input that is already normalised.
     """
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"shortcut must be one of {SHORTCUT_KINDS}, got {kind!r}")
@@ -116,6 +142,8 @@ def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int,
     if kind == "A":
         return PadShortcut(in_channels, out_channels, stride)
     # Sequential(conv, bn) gives torchvision's keys downsample.0.* / downsample.1.*
+    if norm_layer is None:
+        return nn.Sequential(conv1x1(in_channels, out_channels, stride))
     return nn.Sequential(conv1x1(in_channels, out_channels, stride), norm_layer(out_channels))
 
 
@@ -127,9 +155,14 @@ class ResidualBlock(nn.Module):
 
     ``use_shortcut=False`` gives the "plain" block of He et al. 2016 §4.1 (the stacked layers alone).
     Subclasses set ``self.drop_path`` and ``self.downsample`` and call ``merge`` after their branch.
+    ``residual_scale`` multiplies the branch before the sum (Szegedy et al. 2016, §3.3 / Fig. 20: scaling by
+    0.1-0.3 stabilises very wide residual Inception networks); 1.0 leaves the sum untouched.
+    ``shortcut_norm = False`` tells ``make_stage`` to build projections without BN (pre-activation blocks).
     """
 
     expansion: int = 1
+    residual_scale: float = 1.0
+    shortcut_norm: bool = True
     use_shortcut: bool
     downsample: nn.Module | None
     drop_path: DropPath
@@ -138,6 +171,8 @@ class ResidualBlock(nn.Module):
         if not self.use_shortcut:
             return branch
         identity = x if self.downsample is None else self.downsample(x)
+        if self.residual_scale != 1.0:
+            branch = branch * self.residual_scale
         return identity + self.drop_path(branch)
 
     def last_norm(self) -> nn.Module:  # pragma: no cover - abstract
@@ -219,6 +254,120 @@ class Bottleneck(ResidualBlock):
         return self.bn3
 
 
+class PreActBasicBlock(ResidualBlock):
+    """Pre-activation basic block (He et al. 2016b, "Identity Mappings in Deep Residual Networks", Fig. 4e):
+    BN-ReLU-conv3x3, BN-ReLU-conv3x3, then the sum with no ReLU after it, so the shortcut path stays a
+    clean identity from block to block (the paper's Eq. 4).
+
+    A projection shortcut takes the pre-activated input (as in the paper's code, where the first BN-ReLU is
+    shared by both paths when shapes change). ``dropout`` between the two convs is the wide-ResNet option
+    (Zagoruyko & Komodakis 2016, §2.4: dropout 0.3 inside the block, not on the shortcut).
+    """
+
+    expansion = 1
+    shortcut_norm = False
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 *, use_shortcut: bool = True, drop_path_rate: float = 0.0, dropout: float = 0.0,
+                 norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        if downsample is not None and not use_shortcut:
+            raise ValueError("a plain block (use_shortcut=False) has no downsample path")
+        self.bn1 = norm_layer(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = conv3x3(in_channels, planes, stride)
+        self.bn2 = norm_layer(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = conv3x3(planes, planes)
+        self.downsample = downsample
+        self.use_shortcut = use_shortcut
+        self.drop_path = DropPath(drop_path_rate)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv1(pre)
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        return self.merge(out, pre if self.downsample is not None else x)
+
+    def zero_init_last(self) -> None:
+        # the branch ends in a conv, not a BN: zeroing it makes the block start as the identity
+        nn.init.zeros_(self.conv2.weight)
+
+
+class PreActBottleneck(ResidualBlock):
+    """Pre-activation bottleneck (He et al. 2016b, Fig. 4e with the 1x1-3x3-1x1 branch of ResNet-164/1001):
+    BN-ReLU-conv1x1, BN-ReLU-conv3x3 (stride here, as torchvision's V1.5), BN-ReLU-conv1x1 (x4 channels).
+    ``groups``/``base_width`` as in ``Bottleneck``.
+    """
+
+    expansion = 4
+    shortcut_norm = False
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 *, groups: int = 1, base_width: int = 64, use_shortcut: bool = True,
+                 drop_path_rate: float = 0.0, norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        if downsample is not None and not use_shortcut:
+            raise ValueError("a plain block (use_shortcut=False) has no downsample path")
+        width = int(planes * (base_width / 64.0)) * groups
+        self.bn1 = norm_layer(in_channels)
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn2 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn3 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.use_shortcut = use_shortcut
+        self.drop_path = DropPath(drop_path_rate)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv1(pre)
+        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv3(self.relu(self.bn3(out)))
+        return self.merge(out, pre if self.downsample is not None else x)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.weight)
+
+
+class InvertedResidual(ResidualBlock):
+    """MobileNetV2 inverted residual with linear bottleneck (Sandler et al. 2018, Table 1 and Fig. 3b).
+
+    1x1 expansion by ``expand_ratio`` (ReLU6), 3x3 depthwise (ReLU6, carries the stride), 1x1 linear
+    projection (no activation: §3.2, a ReLU in the low-dimensional bottleneck destroys information).
+    The shortcut joins the thin bottlenecks only where shapes agree (stride 1, same width). Keys match
+    torchvision's ``InvertedResidual`` (``conv.0.0.weight`` ...).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: float, *,
+                 drop_path_rate: float = 0.0, norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        hidden = int(round(in_channels * expand_ratio))
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvNormAct(in_channels, hidden, 1, norm_layer=norm_layer, activation=nn.ReLU6))
+        layers += [ConvNormAct(hidden, hidden, 3, stride, groups=hidden, norm_layer=norm_layer, activation=nn.ReLU6),
+                   conv1x1(hidden, out_channels), norm_layer(out_channels)]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = out_channels
+        self.stride = stride
+        self.use_shortcut = stride == 1 and in_channels == out_channels
+        self.downsample = None
+        self.drop_path = DropPath(drop_path_rate if self.use_shortcut else 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.conv(x), x)
+
+    def last_norm(self) -> nn.Module:
+        return self.conv[-1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage builder
 # ---------------------------------------------------------------------------------------------------------
@@ -235,7 +384,7 @@ def make_stage(name: str, block: type[ResidualBlock], in_channels: int, planes: 
     rates = list(drop_path_rates) if drop_path_rates is not None else [0.0] * num_blocks
     if len(rates) != num_blocks:
         raise ValueError(f"{len(rates)} drop path rates for {num_blocks} blocks")
-    norm_layer = block_kwargs.get("norm_layer", nn.BatchNorm2d)
+    norm_layer = block_kwargs.get("norm_layer", nn.BatchNorm2d) if block.shortcut_norm else None
     out_channels = planes * block.expansion
     blocks, channels = [], in_channels
     for i, rate in enumerate(rates):
@@ -266,3 +415,58 @@ def init_weights(model: nn.Module, zero_init_residual: bool = False) -> None:
             raise ValueError("zero_init_residual needs shortcuts; a plain net would output a constant")
         for b in blocks:
             b.zero_init_last()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Network body shared by the later families
+# ---------------------------------------------------------------------------------------------------------
+class StagedNet(ClassifierNet):
+    """Stem -> stages (attributes named by their ``StageInfo``) -> optional final norm -> pool -> ``fc``.
+
+    The families built on it (pre-activation and wide ResNets, CIFAR ResNeXt, Inception-ResNet, SimpleNet)
+    differ only in the modules they pass in; the forward pass is this one. ``final_norm`` is the BN-ReLU
+    that pre-activation networks need before pooling (He et al. 2016b, §4: the last block's sum is
+    otherwise never normalised). Weights are initialised by the family builder (``init_weights``).
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[tuple[nn.Module, StageInfo]], *, num_classes: int,
+                 final_norm: nn.Module | None = None):
+        super().__init__()
+        if not stages:
+            raise ValueError("a StagedNet needs at least one stage")
+        self.stem = stem
+        self.stage_info = []
+        for module, info in stages:
+            self.add_module(info.name, module)
+            self.stage_info.append(info)
+        self.final_norm = final_norm if final_norm is not None else nn.Identity()
+        self.num_features = self.stage_info[-1].channels
+        self.reset_classifier(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for info in self.stage_info:
+            x = getattr(self, info.name)(x)
+        return self.final_norm(x)
+
+
+def norm_act(channels: int, norm_layer: NormLayer = nn.BatchNorm2d) -> nn.Sequential:
+    """BN-ReLU without a conv: the final activation of pre-activation networks."""
+    return nn.Sequential(norm_layer(channels), nn.ReLU(inplace=True))
+
+
+def make_stages(block: type[ResidualBlock], in_channels: int, planes: Sequence[int], depths: Sequence[int],
+                strides: Sequence[int], *, in_reduction: int, shortcut: str = "B", drop_path_rate: float = 0.0,
+                **block_kwargs) -> list[tuple[nn.Sequential, StageInfo]]:
+    """``make_stage`` over every stage (``layer1``, ``layer2``, ...), with linearly decaying drop-path rates."""
+    if not len(planes) == len(depths) == len(strides):
+        raise ValueError("planes, depths and strides need one entry per stage")
+    rates = drop_path_rates(drop_path_rate, depths)
+    stages, channels, reduction = [], in_channels, in_reduction
+    for i, (width, depth, stride) in enumerate(zip(planes, depths, strides)):
+        stage, info = make_stage(f"layer{i + 1}", block, channels, width, depth, stride=stride,
+                                 in_reduction=reduction, shortcut=shortcut, drop_path_rates=rates[i],
+                                 **block_kwargs)
+        stages.append((stage, info))
+        channels, reduction = info.channels, info.reduction
+    return stages

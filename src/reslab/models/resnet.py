@@ -13,18 +13,60 @@ import torch
 import torch.nn as nn
 
 from .base import ClassifierNet
-from .blocks import BasicBlock, Bottleneck, ResidualBlock, drop_path_rates, init_weights, make_stage
+from .blocks import (BasicBlock, Bottleneck, ResidualBlock, conv1x1, conv3x3, drop_path_rates, init_weights,
+                     make_stage)
 from .registry import register_model
 
 _PAPER = "He et al. 2016, Table 1"
 
 
+def set_inner_channels(blocks: Sequence[nn.Module], inner_channels: Sequence[Sequence[int]]) -> None:
+    """Give each residual block narrower inner convolutions: the architecture of a channel-pruned net.
+
+    ``inner_channels`` holds one entry per block, in order (``layer1.0``, ``layer1.1``, ...): ``[c1]`` for a
+    ``BasicBlock`` (conv1's outputs = conv2's inputs), ``[c1, c2]`` for a ``Bottleneck`` (conv1's and
+    conv2's outputs). Block inputs and outputs, hence the residual stream and every shortcut, keep their
+    width, so the additions stay consistent. Written by ``reslab prune``; new modules are fresh (call before
+    ``init_weights``), weights are loaded afterwards from the pruned checkpoint.
+    """
+    blocks = list(blocks)
+    if len(inner_channels) != len(blocks):
+        raise ValueError(f"inner_channels has {len(inner_channels)} entries for {len(blocks)} residual blocks")
+    for index, (block, widths) in enumerate(zip(blocks, inner_channels)):
+        widths = [int(w) for w in widths]
+        expected = {BasicBlock: 1, Bottleneck: 2}.get(type(block))
+        if expected is None:
+            raise ValueError(f"inner_channels supports BasicBlock and Bottleneck, not {type(block).__name__}")
+        if len(widths) != expected or min(widths) < 1:
+            raise ValueError(f"inner_channels[{index}] = {widths}: a {type(block).__name__} needs {expected} "
+                             "positive width(s)")
+        norm = type(block.bn1)
+        if type(block) is BasicBlock:
+            (c1,) = widths
+            block.conv1 = conv3x3(block.conv1.in_channels, c1, block.conv1.stride[0])
+            block.bn1 = norm(c1)
+            block.conv2 = conv3x3(c1, block.conv2.out_channels)
+        else:
+            if block.conv2.groups != 1:
+                raise ValueError("inner_channels does not support grouped bottlenecks (ResNeXt)")
+            c1, c2 = widths
+            block.conv1 = conv1x1(block.conv1.in_channels, c1)
+            block.bn1 = norm(c1)
+            block.conv2 = conv3x3(c1, c2, block.conv2.stride[0])
+            block.bn2 = norm(c2)
+            block.conv3 = conv1x1(c2, block.conv3.out_channels)
+
+
 class ResNet(ClassifierNet):
-    """ImageNet ResNet (He et al. 2016, Table 1); ``groups``/``width_per_group`` leave room for ResNeXt."""
+    """ImageNet ResNet (He et al. 2016, Table 1); ``groups``/``width_per_group`` leave room for ResNeXt.
+
+    ``inner_channels`` (optional) narrows the inside of each block, see ``set_inner_channels``.
+    """
 
     def __init__(self, block: type[ResidualBlock], depths: Sequence[int], *, num_classes: int = 1000,
                  in_chans: int = 3, shortcut: str = "B", groups: int = 1, width_per_group: int = 64,
-                 drop_path_rate: float = 0.0, zero_init_residual: bool = False):
+                 drop_path_rate: float = 0.0, zero_init_residual: bool = False,
+                 inner_channels: Sequence[Sequence[int]] | None = None):
         super().__init__()
         stem_channels = 64
         self.conv1 = nn.Conv2d(in_chans, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
@@ -43,6 +85,8 @@ class ResNet(ClassifierNet):
             self.stage_info.append(info)
             channels, reduction = info.channels, info.reduction
         self.num_features = channels
+        if inner_channels is not None:  # a channel-pruned net (reslab prune): narrower block interiors
+            set_inner_channels([b for info in self.stage_info for b in getattr(self, info.name)], inner_channels)
 
         init_weights(self, zero_init_residual)
         self.reset_classifier(num_classes)

@@ -17,16 +17,20 @@ import torch.nn as nn
 from .base import ClassifierNet
 from .blocks import BasicBlock, ResidualBlock, conv3x3, drop_path_rates, init_weights, make_stage
 from .registry import register_model
+from .resnet import set_inner_channels
 
 _PAPER = "He et al. 2016, §4.2 / Table 6"
 
 
 class CifarResNet(ClassifierNet):
-    """The 6n+2-layer CIFAR network of He et al. 2016, §4.2 (three stages, widths 16/32/64 x ``width``)."""
+    """The 6n+2-layer CIFAR network of He et al. 2016, §4.2 (three stages, widths 16/32/64 x ``width``).
+
+    ``inner_channels`` (optional) narrows the inside of each block, see ``resnet.set_inner_channels``.
+    """
 
     def __init__(self, block: type[ResidualBlock], depths: Sequence[int], *, num_classes: int = 10,
                  in_chans: int = 3, shortcut: str = "A", width: float = 1.0, drop_path_rate: float = 0.0,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, inner_channels: Sequence[Sequence[int]] | None = None):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
@@ -45,6 +49,8 @@ class CifarResNet(ClassifierNet):
             self.stage_info.append(info)
             channels, reduction = info.channels, info.reduction
         self.num_features = channels
+        if inner_channels is not None:  # a channel-pruned net (reslab prune): narrower block interiors
+            set_inner_channels([b for info in self.stage_info for b in getattr(self, info.name)], inner_channels)
 
         init_weights(self, zero_init_residual)
         self.reset_classifier(num_classes)

@@ -24,6 +24,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)  # family options, e.g. {"shortcut": "B"}
     data: str = "digits"  # digits | cifar10:DIR | cifar100:DIR | an ImageFolder path
     val_fraction: float = 0.0  # held out of train for model selection (He et al.: 5k of 50k = 0.1)
+    train_fraction: float = 1.0  # train on a stratified subset (nested: a smaller fraction is inside a larger one)
     image_size: int | None = None  # resize stored images to this side (None: keep the data's native size)
     recipe: str | None = None  # name of a shipped recipe or a YAML file; recorded for provenance
 
@@ -49,6 +50,18 @@ class TrainConfig:
     warmup_lr: float | None = None  # constant warm-up lr (He et al. resnet110: 0.01); None = linear from 0
     final_lr_fraction: float = 0.0  # cosine/onecycle end value as a fraction of lr
 
+    # --- regularisers and auxiliary objectives
+    drop_path_rate: float = 0.0  # stochastic depth, linear decay over blocks (Huang et al. 2016); needs model support
+    drop_path_schedule: str = "constant"  # constant | linear (ScheduledDropPath, Zoph et al. 2018: rate rises 0 -> max)
+    grad_noise: float = 0.0  # gradient-noise eta: variance eta/(1+t)^gamma (Neelakantan et al. 2015); 0 = off
+    grad_noise_gamma: float = 0.55
+    matryoshka: list[int] = field(default_factory=list)  # nested embedding sizes for the MRL loss, e.g. 8,16,32,64
+    distill_from: str | None = None  # teacher run directory for knowledge distillation
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.9  # weight of the soft-target term (1 - weight on the labels)
+    guide: str | None = None  # guide run directory or model name (untrained) for CKA guidance
+    guide_weight: float = 1.0
+
     # --- augmentation (batched, on the training device)
     crop_padding: int = 4  # pad-and-crop, He et al. §4.2
     flip: bool = True
@@ -65,6 +78,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     tta_flip: bool = False  # average predictions over the image and its mirror at test time
     out: str | None = None  # run directory (default runs/<model>-<data>-<time>)
+    auto_resume: bool = False  # if --out already holds a checkpoint, continue from it (torchrun restarts, preemption)
     tensorboard: bool = False
     progress: bool = True
 
@@ -93,10 +107,24 @@ class TrainConfig:
             bad("momentum", f"must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:
             bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.train_fraction <= 1:
+            bad("train_fraction", f"must be in (0, 1], got {self.train_fraction}")
         if not 0 <= self.val_fraction < 1:
             bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.drop_path_rate < 1:
+            bad("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        if self.grad_noise < 0:
+            bad("grad_noise", f"must be >= 0, got {self.grad_noise}")
+        if any(m < 1 for m in self.matryoshka):
+            bad("matryoshka", f"sizes must be >= 1, got {self.matryoshka}")
+        if self.distill_temperature <= 0 or not 0 <= self.distill_weight <= 1:
+            bad("distill_temperature", "temperature must be > 0 and --distill-weight in [0, 1]")
+        if self.guide_weight < 0:
+            bad("guide_weight", f"must be >= 0, got {self.guide_weight}")
+        if sum(x is not None and x != [] for x in (self.distill_from, self.guide, self.matryoshka or None)) > 1:
+            bad("guide", "--guide, --distill-from and --matryoshka cannot be combined in one run")
         if self.crop_padding < 0:
             bad("crop_padding", f"must be >= 0, got {self.crop_padding}")
         if self.image_size is not None and self.image_size < 1:
@@ -108,6 +136,7 @@ class TrainConfig:
             "schedule": ("step", "cosine", "onecycle", "constant"),
             "amp": ("auto", "bf16", "fp16", "off"),
             "nan_policy": ("stop", "skip"),
+            "drop_path_schedule": ("constant", "linear"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -174,13 +203,28 @@ def _check_keys(values: dict, where: str) -> None:
         raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
 
 
+def _field_type(name: str):
+    """The declared type of a field, without ``| None``: bool, int, float, str, list or dict."""
+    import typing
+
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (list, dict):
+        return typing.get_origin(hint), typing.get_args(hint)
+    if args and typing.get_origin(hint) is not None:
+        hint = args[0]
+        if typing.get_origin(hint) in (list, dict):
+            return typing.get_origin(hint), typing.get_args(hint)
+    return hint, ()
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Check a recipe/flag value against the field's type, so a typo fails early with the option's name."""
-    default = getattr(TrainConfig(), name)
-    if value is None or default is None:
-        return value
+    kind, args = _field_type(name)
+    if value is None or (isinstance(value, str) and value.lower() == "none" and kind is not str):
+        return None
     try:
-        if isinstance(default, bool):
+        if kind is bool:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
                     return True
@@ -188,28 +232,24 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                     return False
                 raise ValueError
             return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer() or isinstance(value, bool):
                 raise ValueError
-            return int(value)
-        if isinstance(default, float):
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
             return float(value)
-        if isinstance(default, list):
+        if kind is list:
             if isinstance(value, str):
-                value = [v for v in value.split(",") if v]
-            return [type(default[0])(v) if default else _number(v) for v in value]
-        if isinstance(default, dict):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            item = args[0] if args else str
+            return [item(float(v)) if item is int and isinstance(v, str) else item(v) for v in value]
+        if kind is dict:
             if not isinstance(value, dict):
                 raise ValueError
             return value
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: option {name!r} expects {type(default).__name__}, got {value!r}") from None
-
-
-def _number(v):
-    f = float(v)
-    return int(f) if f.is_integer() and "." not in str(v) else f
+        raise ConfigError(f"{where}: option {name!r} expects {getattr(kind, '__name__', kind)}, got {value!r}") from None
 
 
 def coerce_values(values: dict[str, Any], where: str = "flags") -> dict[str, Any]:

@@ -82,23 +82,32 @@ class StepResult:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                device: torch.device, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
-               label_smoothing: float = 0.0, check_finite: bool = True, loss_fn=None) -> StepResult:
-    """One SGD step. A non-finite loss skips the update and reports ``finite=False``."""
+               label_smoothing: float = 0.0, objective=None, before_update=None) -> StepResult:
+    """One optimiser step on ``objective(model, x, y) -> (loss, logits)`` (default: cross-entropy).
+
+    ``before_update(model)`` runs between backward and the update (e.g. gradient noise). A non-finite loss
+    skips the update and reports ``finite=False``.
+    """
     with autocast(device, amp_dtype):
-        logits = model(x)
-    if loss_fn is None:
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    else:
-        loss = loss_fn(logits, y)
-    finite = bool(torch.isfinite(loss)) if check_finite else True
+        if objective is None:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        else:
+            loss, logits = objective(model, x, y)
+    finite = bool(torch.isfinite(loss))
     optimizer.zero_grad(set_to_none=True)
     if finite:
         if scaler is not None:
             scaler.scale(loss).backward()
+            if before_update is not None:
+                scaler.unscale_(optimizer)
+                before_update(model)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if before_update is not None:
+                before_update(model)
             optimizer.step()
     with torch.no_grad():
         correct = (logits.argmax(1) == y).sum()

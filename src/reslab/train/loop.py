@@ -24,6 +24,7 @@ from reslab.train.config import TrainConfig, load_config_file, save_config
 from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_optimizer, check_loss,
                                  evaluate_loader, is_oom, out_of_memory_message, select_device, set_lr,
                                  train_step)
+from reslab.train.objectives import build_objective, gradient_noise_hook, set_drop_path_scale
 from reslab.train.rundir import JsonlLog, default_run_dir, environment_info, read_jsonl, write_json
 from reslab.train.schedules import lr_multiplier, resolve_milestones
 
@@ -81,9 +82,12 @@ def preprocessing_card(splits, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def model_card(cfg: TrainConfig, splits, model: nn.Module, macs: int) -> dict[str, Any]:
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     return {
         "model": cfg.model,
-        "model_kwargs": cfg.model_kwargs,
+        "model_kwargs": kwargs,
         "num_classes": splits.num_classes,
         "in_chans": splits.channels,
         "classes": list(splits.classes),
@@ -126,6 +130,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
     else:
         cfg = dataclasses.replace(cfg or TrainConfig(), **overrides).validate()
         run_dir = Path(cfg.out) if cfg.out else None
+        if run_dir is not None and (run_dir / "checkpoints" / "last").exists():
+            if not cfg.auto_resume:
+                raise TrainingError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
+                                    "(or --auto-resume), or choose another --out")
+            return train(resume=run_dir, on_step=on_step, **overrides)
 
     dist = dist_utils.setup(cfg.device)
     try:
@@ -136,6 +145,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
 
 def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step) -> TrainSummary:
     from reslab.data import BatchAugment, BatchLoader, load_data
+    from reslab.data.sources import stratified_split
 
     t_start = time.perf_counter()
     device = dist.device if dist.enabled else select_device(cfg.device)
@@ -147,6 +157,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
 
     # --- data: decoded once into a uint8 cache, held on the device, augmented there in batches
     splits = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress and is_main)
+    if cfg.train_fraction < 1:
+        # Held-out parts of a seeded per-class permutation are nested across fractions.
+        splits.train = splits.train.subset(stratified_split(splits.train.labels, cfg.train_fraction, cfg.seed)[1])
     common = dict(mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last,
                   image_size=cfg.image_size)
     augment = BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip)
@@ -166,7 +179,14 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     cfg.milestones = resolve_milestones(cfg, steps_per_epoch)
 
     # --- model, optimiser, EMA
-    model = create_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.channels, **cfg.model_kwargs)
+    model_kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path_rate:
+        model_kwargs["drop_path_rate"] = cfg.drop_path_rate
+    try:
+        model = create_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.channels, **model_kwargs)
+    except TypeError as e:
+        raise TrainingError(f"--model {cfg.model} does not accept these options ({e}); "
+                            "check --model-kwargs / --drop-path-rate") from None
     input_hw = tuple(cfg.image_size and (cfg.image_size, cfg.image_size) or splits.image_size)
     macs = count_macs(model, (splits.channels, *input_hw))
     card = model_card(cfg, splits, model, macs)
@@ -212,6 +232,10 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         skipped_steps, lr_scale = st.get("skipped_steps", 0), st.get("lr_scale", 1.0)
         prior_train_seconds, prior_train_images = st.get("train_seconds", 0.0), st.get("train_images", 0)
 
+    objective = build_objective(cfg, model, num_classes=splits.num_classes, in_chans=splits.channels,
+                                device=device)
+    step_ref = [step]  # the step the gradient-noise hook sees
+    before_update = gradient_noise_hook(cfg, step_ref)
     train_model = dist.wrap(model)
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -257,9 +281,13 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             for x, y in train_loader:
                 lr = cfg.lr * lr_scale * lr_multiplier(step, total_steps, cfg)
                 set_lr(optimizer, lr)
+                step_ref[0] = step
+                if cfg.drop_path_schedule == "linear":
+                    set_drop_path_scale(model, step / total_steps)
                 try:
                     result = train_step(train_model, x, y, optimizer, device=device, amp_dtype=amp_dtype,
-                                        scaler=scaler, label_smoothing=cfg.label_smoothing)
+                                        scaler=scaler, label_smoothing=cfg.label_smoothing,
+                                        objective=objective, before_update=before_update)
                 except RuntimeError as e:
                     if is_oom(e):
                         raise TrainingError(out_of_memory_message(cfg.batch_size)) from e

@@ -1,0 +1,208 @@
+"""Training objectives and gradient transforms: what one step minimises, beyond plain cross-entropy.
+
+An objective is called as ``objective(model, x, y) -> (loss, logits)``; the loop composes them from the config:
+- cross-entropy with label smoothing (Szegedy et al. 2016, §7);
+- Matryoshka nested loss (Kusupati et al. 2022, MRL-E: one classifier whose weight is sliced per nested size);
+- knowledge distillation from a teacher run (Hinton et al. 2015: soft targets at temperature T, weight T^2);
+- guidance of a target network by a frozen guide through linear CKA of stage outputs
+  (Subramaniam et al. 2024, "Training the Untrainable"; CKA: Kornblith et al. 2019, Eq. 2 with linear kernels).
+Gradient noise (Neelakantan et al. 2015) and ScheduledDropPath (Zoph et al. 2018) act around the step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ClassifierNet under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class CrossEntropy:
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+
+
+def matryoshka_logits(net: nn.Module, pooled: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
+    """Logits from the first ``m`` features for each nested size ``m`` (MRL-E: the fc weight sliced)."""
+    fc = net.fc
+    return [F.linear(pooled[:, :m], fc.weight[:, :m], fc.bias) for m in dims]
+
+
+class Matryoshka:
+    """Sum of cross-entropies of the nested truncations ``dims`` of the pooled embedding (Kusupati et al. 2022, Eq. 1,
+    uniform weights). The full-size logits are returned for accuracy bookkeeping."""
+
+    def __init__(self, dims: list[int], label_smoothing: float = 0.0):
+        self.dims = sorted(dims)
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model, x, y):
+        net = unwrap(model)
+        if self.dims[-1] > net.num_features:
+            raise ValueError(f"--matryoshka {self.dims}: the largest size exceeds the model's "
+                             f"{net.num_features}-dimensional embedding")
+        pooled = net.forward_head(model_features(model, x), pre_logits=True)
+        all_logits = matryoshka_logits(net, pooled, self.dims)
+        loss = sum(F.cross_entropy(lg.float(), y, label_smoothing=self.label_smoothing) for lg in all_logits)
+        return loss / len(all_logits), net.fc(pooled)
+
+
+def model_features(model, x):
+    """forward_features through a DDP wrapper too (DDP hooks only run in forward(); fine for a single process)."""
+    return unwrap(model).forward_features(x)
+
+
+class Distillation:
+    """(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9,
+                 label_smoothing: float = 0.0):
+        self.teacher, self.t, self.alpha, self.label_smoothing = teacher.eval(), temperature, alpha, label_smoothing
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, model, x, y):
+        logits = model(x)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x).float()
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        kd = F.kl_div(F.log_softmax(logits.float() / self.t, 1), F.log_softmax(teacher_logits / self.t, 1),
+                      reduction="batchmean", log_target=True) * self.t ** 2
+        return (1 - self.alpha) * ce + self.alpha * kd, logits
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Linear centred kernel alignment between two batches of representations (n, ...) and (n, ...).
+
+    Computed on n x n Gram matrices, so feature maps of any width compare; 1 means identical up to an
+    orthogonal transform and isotropic scaling.
+    """
+    x = x.flatten(1).float()
+    y = y.flatten(1).float()
+    k, l = x @ x.T, y @ y.T
+    n = k.shape[0]
+    h = torch.eye(n, device=x.device) - 1.0 / n
+    kc, lc = h @ k @ h, h @ l @ h
+    return (kc * lc).sum() / (kc.norm() * lc.norm() + eps)
+
+
+class StageOutputs:
+    """Forward hooks collecting the output of each stage (``stage_info`` names) of a ClassifierNet."""
+
+    def __init__(self, net: nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [net.get_submodule(s.name).register_forward_hook(self._hook) for s in net.stage_info]
+
+    def _hook(self, module, inputs, output):
+        self.outputs.append(output)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+
+class Guidance:
+    """CE + weight * sum over aligned stages of (1 - CKA(target stage output, guide stage output)).
+
+    The guide is frozen; stages are aligned by position from the last (so a guide with as many stages aligns
+    one to one, as plain56/resnet56 do).
+    """
+
+    def __init__(self, model: nn.Module, guide: nn.Module, weight: float, label_smoothing: float = 0.0):
+        self.guide, self.weight, self.label_smoothing = guide.eval(), weight, label_smoothing
+        for p in self.guide.parameters():
+            p.requires_grad_(False)
+        self.target_stages = StageOutputs(unwrap(model))
+        self.guide_stages = StageOutputs(self.guide)
+        self.pairs = min(len(unwrap(model).stage_info), len(self.guide.stage_info))
+
+    def __call__(self, model, x, y):
+        self.target_stages.take()
+        logits = model(x)
+        target = self.target_stages.take()[-self.pairs:]
+        with torch.no_grad():
+            self.guide_stages.take()
+            self.guide(x)
+            guide = self.guide_stages.take()[-self.pairs:]
+        align = sum(1 - linear_cka(t, g) for t, g in zip(target, guide))
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return ce + self.weight * align, logits
+
+
+def load_reference_model(spec: str, *, num_classes: int, in_chans: int, device, seed: int = 0) -> nn.Module:
+    """A trained run (directory) or, given a registry name, an untrained model (He init, seeded)."""
+    from reslab.models import create_model
+    from reslab.train.checkpoint import load_model
+
+    if Path(spec).exists():
+        model, card = load_model(spec, device=device)
+        if card["num_classes"] != num_classes:
+            raise ValueError(f"{spec} predicts {card['num_classes']} classes but the data has {num_classes}")
+        return model
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed + 7919)  # a fixed, distinct init that leaves the training RNG stream untouched
+    try:
+        model = create_model(spec, num_classes=num_classes, in_chans=in_chans)
+    finally:
+        torch.set_rng_state(generator_state)
+    return model.to(device).eval()
+
+
+def add_gradient_noise(model: nn.Module, step: int, eta: float, gamma: float = 0.55,
+                       generator: torch.Generator | None = None) -> None:
+    """g += N(0, sigma_t^2) with sigma_t^2 = eta / (1 + t)^gamma (Neelakantan et al. 2015, Eq. 1)."""
+    std = (eta / (1 + step) ** gamma) ** 0.5
+    for p in model.parameters():
+        if p.grad is not None:
+            noise = torch.randn(p.grad.shape, generator=generator, dtype=p.grad.dtype, device="cpu")
+            p.grad.add_(noise.to(p.grad.device), alpha=std)
+
+
+def set_drop_path_scale(model: nn.Module, scale: float) -> None:
+    """ScheduledDropPath: every DropPath's rate is its configured rate times ``scale`` (rising 0 -> 1)."""
+    from reslab.models.blocks import DropPath
+
+    for m in unwrap(model).modules():
+        if isinstance(m, DropPath):
+            if not hasattr(m, "base_p"):
+                m.base_p = m.p
+            m.p = m.base_p * scale
+
+
+def build_objective(cfg, model: nn.Module, *, num_classes: int, in_chans: int, device):
+    """The objective a config asks for (None: plain cross-entropy, the fast default path)."""
+    if cfg.matryoshka:
+        return Matryoshka(cfg.matryoshka, cfg.label_smoothing)
+    if cfg.distill_from:
+        teacher = load_reference_model(cfg.distill_from, num_classes=num_classes, in_chans=in_chans, device=device)
+        return Distillation(teacher, cfg.distill_temperature, cfg.distill_weight, cfg.label_smoothing)
+    if cfg.guide:
+        guide = load_reference_model(cfg.guide, num_classes=num_classes, in_chans=in_chans, device=device,
+                                     seed=cfg.seed)
+        if cfg.channels_last:
+            guide = guide.to(memory_format=torch.channels_last)
+        return Guidance(model, guide, cfg.guide_weight, cfg.label_smoothing)
+    return None
+
+
+def gradient_noise_hook(cfg, step_ref: list[int]):
+    """A ``before_update`` callback adding seeded gradient noise at the current step (None when off)."""
+    if not cfg.grad_noise:
+        return None
+    generator = torch.Generator()
+
+    def hook(model):
+        generator.manual_seed(cfg.seed * 1_000_003 + step_ref[0])  # reproducible on resume
+        add_gradient_noise(model, step_ref[0], cfg.grad_noise, cfg.grad_noise_gamma, generator)
+
+    return hook

@@ -1,0 +1,203 @@
+"""The training loop on real data (scikit-learn's handwritten digits): it learns, it records the run, it resumes
+exactly, and its schedules, recipes and objectives do what the papers say."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reslab.train import TrainConfig, resolve_config, train
+from reslab.train.config import ConfigError, load_config_file
+from reslab.train.engine import TrainingError
+from reslab.train.objectives import linear_cka
+from reslab.train.schedules import lr_multiplier
+
+FAST = dict(model="resnet20", data="digits", image_size=16, batch_size=64, progress=False, flip=False,
+            crop_padding=2, amp="off")
+
+
+def weights(run_dir, name="last"):
+    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_default_recipe_learns_digits(tmp_path):
+    """The README's default run, shortened: the quick recipe on digits is far above chance (10%)."""
+    cfg = resolve_config({"epochs": 6, "out": str(tmp_path / "run"), "progress": False}, "quick")
+    summary = train(cfg)
+    assert summary.status == "finished"
+    assert summary.final["test_top1"] > 0.85
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.json", "curves.png"):
+        assert (run / name).is_file(), name
+    for ckpt in ("last", "best"):
+        assert (run / "checkpoints" / ckpt / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    assert {"train_loss", "train_top1", "test_top1", "test_top5", "lr", "images_per_s", "seconds"} <= records[-1].keys()
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["params"] == 269_434  # resnet20 with a 1-channel stem
+    assert saved["environment"]["torch"] == torch.__version__
+    assert load_config_file(run / "config.yaml").epochs == 6
+
+
+def test_resume_is_exact(tmp_path):
+    """Two epochs straight equal one epoch + interruption + resume, bit for bit."""
+    cfg = TrainConfig(**FAST, epochs=2, schedule="onecycle", warmup_iters=5, lr=0.05)
+    train(cfg, out=str(tmp_path / "straight"))
+
+    def interrupt(step):
+        if step == 30:  # mid-way through epoch 2 (22 steps per epoch)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=str(tmp_path / "resumed"), on_step=interrupt)
+    summary = train(resume=tmp_path / "resumed")
+    assert summary.steps == 44
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_resume_extends_epochs_exactly(tmp_path):
+    """1 epoch, then --resume --epochs 2, equals 2 epochs straight (constant lr schedule)."""
+    cfg = TrainConfig(**FAST, epochs=2, schedule="constant", lr=0.05)
+    train(cfg, out=str(tmp_path / "straight"))
+    train(cfg, out=str(tmp_path / "pieces"), epochs=1)
+    train(resume=tmp_path / "pieces", epochs=2)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "pieces"))
+
+
+def test_out_dir_with_a_run_is_not_overwritten(tmp_path):
+    cfg = TrainConfig(**FAST, epochs=1, out=str(tmp_path / "run"))
+    train(cfg)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg)
+
+
+def test_validation_split_selects_best(tmp_path):
+    summary = train(TrainConfig(**FAST, epochs=2, val_fraction=0.2, out=str(tmp_path / "run")))
+    assert "val_top1" in summary.final and "val_top1" in summary.best
+    manifest = json.loads((tmp_path / "run/checkpoints/best/manifest.json").read_text())
+    assert manifest["metrics"]["val_top1"] == summary.best["val_top1"]
+
+
+def test_he2016_schedule_steps_at_paper_iterations():
+    """lr 0.1, /10 at 32k and 48k, stop at 64k (He et al. 2016 §4.2); resnet110 warms up at 0.01."""
+    cfg = resolve_config({}, "he2016-cifar")
+    lr = lambda s: cfg.lr * lr_multiplier(s, cfg.iterations, cfg)  # noqa: E731
+    assert cfg.iterations == 64000 and cfg.batch_size == 128
+    assert lr(0) == pytest.approx(0.1) and lr(31999) == pytest.approx(0.1)
+    assert lr(32000) == pytest.approx(0.01) and lr(47999) == pytest.approx(0.01)
+    assert lr(48000) == pytest.approx(0.001) and lr(63999) == pytest.approx(0.001)
+    cfg110 = resolve_config({"model": "resnet110"}, "he2016-cifar")
+    assert cfg110.lr * lr_multiplier(399, 64000, cfg110) == pytest.approx(0.01)
+    assert cfg110.lr * lr_multiplier(400, 64000, cfg110) == pytest.approx(0.1)
+
+
+def test_onecycle_and_cosine_shapes():
+    cfg = TrainConfig(schedule="onecycle", warmup_iters=10)
+    m = [lr_multiplier(s, 100, cfg) for s in range(100)]
+    assert m[9] == pytest.approx(1.0) and m[0] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(m[10:], m[11:])) and m[-1] < 0.02
+    cos = TrainConfig(schedule="cosine")
+    assert lr_multiplier(50, 100, cos) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"lr": "-1"}, "--lr"), ({"batch_size": "0"}, "--batch-size"), ({"model": "resnet21"}, "unknown model"),
+    ({"schedule": "linear"}, "--schedule"), ({"epochs": "two"}, "epochs"),
+])
+def test_bad_flags_name_the_option(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(flags)
+
+
+def test_bad_recipe_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config({}, str(bad))
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown option"):
+        resolve_config({}, str(bad))
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        resolve_config({}, "no-such-recipe")
+
+
+def test_flags_override_recipe():
+    cfg = resolve_config({"lr": "0.3", "epochs": "3"}, "quick")
+    assert cfg.lr == 0.3 and cfg.epochs == 3 and cfg.recipe == "quick" and cfg.flip is False
+
+
+def test_ema_and_label_smoothing_run(tmp_path):
+    """EMA weights are saved beside the raw ones, differ from them, and are what evaluation uses."""
+    cfg = TrainConfig(**FAST, epochs=4, schedule="onecycle", warmup_iters=10, label_smoothing=0.1)
+    summary = train(cfg, out=str(tmp_path / "r"), ema_decay=0.9)
+    ema = load_file(str(tmp_path / "r/checkpoints/last/ema.safetensors"))
+    raw = weights(tmp_path / "r")
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert summary.final["test_top1"] > 0.85
+    from reslab.evaluate import evaluate
+
+    assert evaluate(tmp_path / "r")["top1"] == pytest.approx(summary.final["test_top1"], abs=1e-6)
+
+
+def test_bf16_autocast_trains_like_fp32(tmp_path):
+    """The speed path (bf16 autocast + channels_last) learns as well as fp32 on a short run."""
+    accs = {}
+    for amp in ("off", "bf16"):
+        s = train(TrainConfig(**{**FAST, "amp": amp}, epochs=4, schedule="onecycle", warmup_iters=10,
+                              lr=0.1, out=str(tmp_path / amp)))
+        accs[amp] = s.final["test_top1"]
+    assert accs["bf16"] > 0.8 and abs(accs["bf16"] - accs["off"]) < 0.08
+
+
+def test_linear_cka_properties():
+    torch.manual_seed(0)
+    x = torch.randn(64, 20)
+    q, _ = torch.linalg.qr(torch.randn(20, 20))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-5)
+    assert linear_cka(x, 3 * x @ q) == pytest.approx(1.0, abs=1e-4)  # orthogonal + isotropic scale invariant
+    assert linear_cka(x, torch.randn(64, 20)) < 0.5
+
+
+@pytest.mark.parametrize("extra", [
+    {"matryoshka": [8, 16, 32, 64]},
+    {"guide": "resnet20", "model": "plain20"},
+    {"grad_noise": 0.01},
+    {"drop_path_rate": 0.2, "drop_path_schedule": "linear"},
+])
+def test_objectives_and_regularisers_train(tmp_path, extra):
+    s = train(TrainConfig(**{**FAST, **extra}, epochs=2, out=str(tmp_path / "r")))
+    assert s.status == "finished" and s.final["test_top1"] > 0.15
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r").values())
+
+
+def test_gradient_noise_changes_weights_deterministically(tmp_path):
+    base = TrainConfig(**FAST, epochs=1)
+    train(base, out=str(tmp_path / "a"), grad_noise=0.3)
+    train(base, out=str(tmp_path / "b"), grad_noise=0.3)
+    train(base, out=str(tmp_path / "c"))
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not torch.equal(weights(tmp_path / "a")["fc.weight"], weights(tmp_path / "c")["fc.weight"])
+
+
+def test_distillation_from_teacher_run(tmp_path):
+    train(TrainConfig(**FAST, epochs=2, out=str(tmp_path / "teacher")))
+    s = train(TrainConfig(**FAST, epochs=1, distill_from=str(tmp_path / "teacher"), out=str(tmp_path / "student")))
+    assert s.status == "finished"
+
+
+def test_train_fraction_uses_nested_subsets(tmp_path):
+    from reslab.data import load_data
+    from reslab.data.sources import stratified_split
+
+    labels = load_data("digits").train.labels
+    small, large = (stratified_split(labels, f, 0)[1] for f in (0.3, 0.6))
+    assert set(small) < set(large) and abs(len(large) - 0.6 * len(labels)) < 10
+    s = train(TrainConfig(**FAST, epochs=1, train_fraction=0.6, out=str(tmp_path / "r")))
+    assert s.steps == len(large) // 64
