@@ -41,9 +41,9 @@ class Budget:
 BUDGETS = {
     # The paper's recipe exactly (He et al. 2016 §4.2): 64k iterations of batch 128, x0.1 at 32k and 48k.
     "full": Budget("full", iterations=64_000, eval_every=5),
-    # A 2-core-CPU budget (see docs/reproductions/he2016-cifar.md): ~10 epochs of all 50k images,
+    # A 2-core-CPU budget (see docs/reproductions/he2016-cifar.md): ~5 epochs of all 50k images,
     # same schedule shape, evaluated every epoch.
-    "short": Budget("short", iterations=3_900, eval_every=1),
+    "short": Budget("short", iterations=2_000, eval_every=1),
 }
 
 

@@ -1,0 +1,161 @@
+"""Data-parallel training on CPU with gloo, launched as users launch it (``reslab train --nproc`` and ``torchrun``).
+
+* N=2 processes with the same global batch reach the weights of one process (SyncBatchNorm on, so the batch
+  statistics are those of the global batch) and leave the same files in the run directory.
+* Elastic restart: a worker killed with SIGKILL makes torchrun (``--max-restarts``) restart the group, which
+  continues from the last checkpoint (``--auto-resume``) and finishes.
+* An error stops every rank (no hang) with the message of the failing rank.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reslab.cli import main
+from reslab.train.distributed import CPUSyncBatchNorm, DistContext
+from reslab.train.rundir import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+# Tiny and well conditioned: 5 steps an epoch on 12 % of digits, plain SGD at a small constant lr, no
+# augmentation (its random numbers are drawn per rank), fp32, contiguous tensors (the same kernels in both runs).
+FLAGS = ["--data", "digits", "--train-fraction", "0.12", "--batch-size", "32", "--amp", "off", "--sync-bn",
+         "--crop-padding", "0", "--no-flip", "--threads", "1", "--image-size", "8", "--no-progress",
+         "--device", "cpu", "--schedule", "constant", "--warmup-iters", "0", "--lr", "0.01", "--optimizer", "sgd",
+         "--no-channels-last", "--seed", "0"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "RESLAB_CACHE": str(tmp_path / "cache"),
+            "RESLAB_DIST_TIMEOUT": "60"}
+
+
+def _files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa = load_file(a / "checkpoints" / "last" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / "last" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """Reference runs in this process (2 and 4 epochs), exactly as the CLI resolves the flags."""
+    root = tmp_path_factory.mktemp("single")
+    runs = {}
+    for epochs in (2, 4):
+        out = root / f"e{epochs}"
+        assert main(["train", *FLAGS, "--epochs", str(epochs), "--out", str(out)]) == 0
+        runs[epochs] = out
+    return runs
+
+
+def test_two_processes_match_one_process(one_process_runs, tmp_path):
+    out = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *FLAGS, "--epochs", "2",
+                           "--out", str(out)], env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    single = one_process_runs[2]
+    # Float tolerance: the same sums in another order (per-rank partial sums), 10 SGD steps.
+    assert _max_diff(single, out) < 2e-3
+    assert _files(single) == _files(out)
+    summary = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in summary] == [5, 10]
+    import json
+
+    env = json.loads((out / "summary.json").read_text())["environment"]
+    assert env["world_size"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_elastic_restart_after_sigkill_resumes_and_finishes(one_process_runs, tmp_path):
+    out = tmp_path / "elastic"
+    log = tmp_path / "torchrun.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "reslab", "train", *FLAGS, "--epochs", "4", "--auto-resume", "--out", str(out)]
+    with open(log, "w") as f:
+        job = subprocess.Popen(cmd, env=_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 180
+            while not (out / "checkpoints" / "last" / "manifest.json").exists():
+                assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            workers = _children(job.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[-1], signal.SIGKILL)  # mid-run: epoch 2 of 4
+            rc = job.wait(timeout=240)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert "exitcode: -9" in text  # torchrun saw the kill and restarted the group
+    records = read_jsonl(out / "metrics.jsonl")
+    epochs = [r["epoch"] for r in records]
+    assert epochs[0] == 1 and epochs[-1] == 4 and set(epochs) == {1, 2, 3, 4}
+    assert epochs.count(1) == 1  # the restarted group continued from the checkpoint, not from scratch
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 20
+    # The redone part of an epoch replays the same batches: the result is the uninterrupted one.
+    assert _max_diff(one_process_runs[4], out) < 5e-3
+
+
+def test_error_on_the_ranks_stops_the_whole_job(tmp_path):
+    """An absurd learning rate makes the loss non-finite: the job ends (no hang) naming the step."""
+    flags = [f for f in FLAGS]
+    flags[flags.index("--lr") + 1] = "1e6"
+    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *flags, "--epochs", "2",
+                           "--out", str(tmp_path / "nan")], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode != 0
+    assert "the loss became" in proc.stderr and "at step" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# in-process pieces
+
+
+def test_disabled_context_is_a_no_op():
+    ctx = DistContext(enabled=False)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert ctx.wrap(model) is model and ctx.convert_sync_batchnorm(model) is model
+    assert ctx.all_true(True) and not ctx.all_true(False)
+    t = torch.ones(3)
+    assert torch.equal(ctx.all_reduce_sum(t), t) and ctx.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_cpu_sync_batchnorm_outside_a_group_is_batchnorm():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(bn))
+    sync[0].__class__ = CPUSyncBatchNorm
+    ref = torch.nn.BatchNorm2d(4)
+    x = torch.randn(8, 4, 5, 5)
+    assert torch.allclose(sync(x), ref(x), atol=1e-6)
+    assert torch.allclose(sync[0].running_var, ref.running_var)

@@ -1,0 +1,130 @@
+"""LRP conserves relevance through conv, BN, ReLU, pooling and residual sums; Grad-CAM finds the region that
+decides the label on a synthetic task."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from reslab.evaluate.saliency import gradcam, lrp, lrp_network, saliency_maps
+from reslab.models.blocks import BasicBlock, Bottleneck
+from reslab.models.resnet import ResNet
+from reslab.models.resnet_cifar import CifarResNet
+
+
+def _randomise_bn(model: nn.Module, zero_bias: bool) -> nn.Module:
+    """Non-trivial BN statistics; with ``zero_bias`` the folded biases are exactly zero (mean 0, beta 0)."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            if zero_bias:
+                m.running_mean.zero_()
+                m.bias.data.zero_()
+            else:
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+                m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+        if isinstance(m, nn.Linear):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
+            if zero_bias:
+                m.bias.data.zero_()
+    return model.eval()
+
+
+NETS = {
+    "cifar-A": lambda: CifarResNet(BasicBlock, [1, 1, 1], num_classes=3, width=0.5, shortcut="A"),
+    "cifar-B": lambda: CifarResNet(BasicBlock, [1, 1, 1], num_classes=3, width=0.5, shortcut="B"),
+    "cifar-plain": lambda: CifarResNet(BasicBlock, [2, 1, 1], num_classes=3, width=0.5, shortcut="plain"),
+    "imagenet-bottleneck": lambda: ResNet(Bottleneck, [1, 1, 1, 1], num_classes=3),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_lrp_network_reproduces_the_model(name):
+    torch.manual_seed(0)
+    model = _randomise_bn(NETS[name](), zero_bias=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lrp_network(model).forward(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("rule", [dict(rule="epsilon", epsilon=1e-9), dict(rule="alphabeta", alpha=2.0, beta=1.0)])
+def test_lrp_conserves_relevance_with_zero_biases(name, rule):
+    torch.manual_seed(0)
+    model = _randomise_bn(NETS[name](), zero_bias=True)
+    x = torch.randn(3, 3, 32, 32)
+    relevance, logit = lrp(model, x, **rule)
+    assert relevance.shape == x.shape
+    assert logit.abs().min() > 1e-4  # a meaningful amount to conserve
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logit, rtol=2e-3, atol=1e-5)
+
+
+def test_lrp_bias_absorbs_relevance_when_biases_are_nonzero():
+    torch.manual_seed(0)
+    model = _randomise_bn(NETS["cifar-B"](), zero_bias=False)
+    relevance, logit = lrp(model, torch.randn(2, 3, 32, 32), rule="epsilon", epsilon=1e-9)
+    assert not torch.allclose(relevance.sum((1, 2, 3)), logit, rtol=1e-3)
+
+
+def test_lrp_rejects_unsupported_architectures():
+    class Other(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(NotImplementedError, match="CifarResNet"):
+        lrp(Other(), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="alpha - beta"):
+        lrp(NETS["cifar-A"]().eval(), torch.zeros(1, 3, 8, 8), rule="alphabeta", alpha=1.0, beta=1.0)
+
+
+def _quadrant_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """16x16 noise images with a bright 4x4 square somewhere in one quadrant; the quadrant is the label."""
+    x = 0.3 * torch.randn(n, 1, 16, 16, generator=gen)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    offsets = torch.randint(0, 5, (n, 2), generator=gen)
+    for i in range(n):
+        top = 8 * (int(y[i]) // 2) + int(offsets[i, 0])
+        left = 8 * (int(y[i]) % 2) + int(offsets[i, 1])
+        x[i, :, top:top + 4, left:left + 4] = 3.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def quadrant_model():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = CifarResNet(BasicBlock, [1, 1, 1], num_classes=4, in_chans=1, width=0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(120):
+        x, y = _quadrant_images(64, gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = _quadrant_images(64, gen)
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean() > 0.9  # the task was learnt
+    return model, x, y
+
+
+def _quadrant_mass(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 4) mass of a (B, 16, 16) map in each quadrant, in label order."""
+    q = maps.clamp(min=0).reshape(-1, 2, 8, 2, 8).sum((2, 4))
+    return q.reshape(-1, 4)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "lrp-epsilon", "lrp-alphabeta"])
+def test_saliency_highlights_the_quadrant_that_decides_the_label(quadrant_model, method):
+    model, x, y = quadrant_model
+    maps = torch.as_tensor(saliency_maps(model, x, method, y))
+    assert maps.shape == (len(x), 16, 16)
+    hit = (_quadrant_mass(maps).argmax(1) == y).float().mean()
+    assert hit > 0.85, f"{method} points at the deciding quadrant for only {hit:.0%} of the images"
+    if method == "gradcam":
+        assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
+        assert torch.equal(torch.as_tensor(saliency_maps(model, x, method, y)), maps)  # deterministic
+        assert gradcam(model, x[:2]).shape == (2, 16, 16)
