@@ -299,7 +299,9 @@ def draw_diagram(name_or_model: str | nn.Module, out: str | Path, *,
         lines = max(len(u.lines) for u in boxes)
         has_bypass = any(u.is_sum for u in boxes)
         row_heights.append(0.32 + (BYPASS_H + 0.1 if has_bypass else 0.05) + lines * LINE_H + 2 * PAD + 0.3)
-    width = LEFT + n_cols * (BOX_W + GAP) + RIGHT
+    title = (f"{spec.model_name}: input {_fmt_shape(spec.input_shape)}, {spec.params:,} parameters, "
+             f"{spec.residual_sums} residual sums (⊕)")
+    width = max(LEFT + n_cols * (BOX_W + GAP) + RIGHT, LEFT + 0.09 * len(title))  # 10 pt bold ~ 0.09 in/char
     height = TOP + sum(row_heights) + 0.3
 
     fig = Figure(figsize=(width, height))
@@ -307,8 +309,6 @@ def draw_diagram(name_or_model: str | nn.Module, out: str | Path, *,
     ax.set_xlim(0, width)
     ax.set_ylim(0, height)
     ax.axis("off")
-    title = (f"{spec.model_name}: input {_fmt_shape(spec.input_shape)}, {spec.params:,} parameters, "
-             f"{spec.residual_sums} residual sums (⊕)")
     ax.text(LEFT, height - 0.3, title, fontsize=10, weight="bold", va="center")
 
     def arrow(x0, y0, x1, y1, **kw):
