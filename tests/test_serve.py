@@ -145,6 +145,7 @@ def test_health_counts(client, png):
     assert after["batching"]["images"] == before["batching"]["images"] + 1
     assert after["batching"]["forward_passes"] == before["batching"]["forward_passes"] + 1
     assert after["requests"]["predict"] == before["requests"].get("predict", 0) + 1
+    assert after["predict_latency_ms"]["window"] >= 1 and after["predict_latency_ms"]["p99"] > 0
 
 
 def test_web_page_and_static_files_are_served(client):
