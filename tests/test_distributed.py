@@ -25,10 +25,12 @@ from reslab.train.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-# Tiny and well conditioned: 5 steps an epoch on 12 % of digits, plain SGD at a small constant lr, no
+# Tiny and well conditioned: 3 steps an epoch on 12 % of digits, plain SGD at a small constant lr, no
 # augmentation (its random numbers are drawn per rank), fp32, contiguous tensors (the same kernels in both runs).
-FLAGS = ["--data", "digits", "--train-fraction", "0.12", "--batch-size", "32", "--amp", "off", "--sync-bn",
-         "--crop-padding", "0", "--no-flip", "--threads", "1", "--image-size", "8", "--no-progress",
+# Rounding differences (sums in another order) grow quickly with the number of steps on this small problem,
+# so the runs are short: 3 epochs, 9 steps.
+FLAGS = ["--data", "digits", "--train-fraction", "0.12", "--batch-size", "48", "--epochs", "3", "--amp", "off",
+         "--sync-bn", "--crop-padding", "0", "--no-flip", "--threads", "1", "--image-size", "8", "--no-progress",
          "--device", "cpu", "--schedule", "constant", "--warmup-iters", "0", "--lr", "0.01", "--optimizer", "sgd",
          "--no-channels-last", "--seed", "0"]
 
@@ -49,29 +51,25 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
 
 
+TOLERANCE = 2e-3  # largest weight difference after 9 steps; a missing gradient average or unsynced BN is > 1e-2
+
+
 @pytest.fixture(scope="module")
-def one_process_runs(tmp_path_factory):
-    """Reference runs in this process (2 and 4 epochs), exactly as the CLI resolves the flags."""
-    root = tmp_path_factory.mktemp("single")
-    runs = {}
-    for epochs in (2, 4):
-        out = root / f"e{epochs}"
-        assert main(["train", *FLAGS, "--epochs", str(epochs), "--out", str(out)]) == 0
-        runs[epochs] = out
-    return runs
+def one_process_run(tmp_path_factory):
+    """The reference: one process, in this process, exactly as the CLI resolves the flags."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", *FLAGS, "--out", str(out)]) == 0
+    return out
 
 
-def test_two_processes_match_one_process(one_process_runs, tmp_path):
+def test_two_processes_match_one_process(one_process_run, tmp_path):
     out = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *FLAGS, "--epochs", "2",
-                           "--out", str(out)], env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *FLAGS, "--out", str(out)],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    single = one_process_runs[2]
-    # Float tolerance: the same sums in another order (per-rank partial sums), 10 SGD steps.
-    assert _max_diff(single, out) < 2e-3
-    assert _files(single) == _files(out)
-    summary = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in summary] == [5, 10]
+    assert _max_diff(one_process_run, out) < TOLERANCE
+    assert _files(one_process_run) == _files(out)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [3, 6, 9]
     import json
 
     env = json.loads((out / "summary.json").read_text())["environment"]
@@ -92,11 +90,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
-def test_elastic_restart_after_sigkill_resumes_and_finishes(one_process_runs, tmp_path):
+def test_elastic_restart_after_sigkill_resumes_and_finishes(one_process_run, tmp_path):
     out = tmp_path / "elastic"
     log = tmp_path / "torchrun.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "reslab", "train", *FLAGS, "--epochs", "4", "--auto-resume", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
+           "-m", "reslab", "train", *FLAGS, "--auto-resume", "--out", str(out)]
     with open(log, "w") as f:
         job = subprocess.Popen(cmd, env=_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
         try:
@@ -106,7 +104,7 @@ def test_elastic_restart_after_sigkill_resumes_and_finishes(one_process_runs, tm
                 time.sleep(0.05)
             workers = _children(job.pid)
             assert len(workers) == 2, workers
-            os.kill(workers[-1], signal.SIGKILL)  # mid-run: epoch 2 of 4
+            os.kill(max(workers), signal.SIGKILL)  # mid-run: in epoch 2 of 3
             rc = job.wait(timeout=240)
         finally:
             if job.poll() is None:
@@ -116,22 +114,21 @@ def test_elastic_restart_after_sigkill_resumes_and_finishes(one_process_runs, tm
     assert "exitcode: -9" in text  # torchrun saw the kill and restarted the group
     records = read_jsonl(out / "metrics.jsonl")
     epochs = [r["epoch"] for r in records]
-    assert epochs[0] == 1 and epochs[-1] == 4 and set(epochs) == {1, 2, 3, 4}
+    assert sorted(set(epochs)) == [1, 2, 3] and epochs == sorted(epochs)
     assert epochs.count(1) == 1  # the restarted group continued from the checkpoint, not from scratch
     import json
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["steps"] == 20
+    assert summary["status"] == "finished" and summary["steps"] == 9
     # The redone part of an epoch replays the same batches: the result is the uninterrupted one.
-    assert _max_diff(one_process_runs[4], out) < 5e-3
+    assert _max_diff(one_process_run, out) < TOLERANCE
 
 
 def test_error_on_the_ranks_stops_the_whole_job(tmp_path):
     """An absurd learning rate makes the loss non-finite: the job ends (no hang) naming the step."""
     flags = [f for f in FLAGS]
     flags[flags.index("--lr") + 1] = "1e6"
-    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *flags, "--epochs", "2",
-                           "--out", str(tmp_path / "nan")], env=_env(tmp_path), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *flags, "--out", str(tmp_path / "nan")], env=_env(tmp_path), capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode != 0
     assert "the loss became" in proc.stderr and "at step" in proc.stderr

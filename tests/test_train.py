@@ -201,3 +201,10 @@ def test_train_fraction_uses_nested_subsets(tmp_path):
     assert set(small) < set(large) and abs(len(large) - 0.6 * len(labels)) < 10
     s = train(TrainConfig(**FAST, epochs=1, train_fraction=0.6, out=str(tmp_path / "r")))
     assert s.steps == len(large) // 64
+
+
+def test_tensorboard_events_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(TrainConfig(**FAST, epochs=1, tensorboard=True, out=str(tmp_path / "r")))
+    events = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100

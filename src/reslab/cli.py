@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -60,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.nproc:
-        return _launch_torchrun(args.nproc)
+        return _launch_torchrun(args.nproc, args.argv)
     if args.resume:
         from reslab.train.config import coerce_values
 
@@ -70,18 +71,29 @@ def cmd_train(args: argparse.Namespace) -> int:
             flags["recipe"] = "quick"  # the built-in digits train with the quick recipe unless told otherwise
         cfg = resolve_config(flags)
         summary = train(cfg)
-    _print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary line for the job
+        _print_summary(summary)
     return 0
 
 
-def _launch_torchrun(nproc: int) -> int:
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under ``torchrun --standalone --nproc_per_node=N`` (without --nproc)."""
     import subprocess
 
-    argv = [a for i, a in enumerate(sys.argv[1:]) if not (a.startswith("--nproc") or
-                                                           (i > 0 and sys.argv[i] == "--nproc"))]
-    argv = [a for a in argv if not a.startswith("--nproc=")]
+    if nproc < 1:
+        raise ValueError(f"invalid --nproc: must be >= 1, got {nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--nproc launches torchrun itself; do not combine it with torchrun")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True  # and its value
+        elif not a.startswith("--nproc="):
+            rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "reslab", *argv]
+           "-m", "reslab", *rest]
     return subprocess.call(cmd)
 
 
@@ -244,11 +256,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`, which re-launches itself
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    import os
-
     from reslab.errors import USER_ERRORS
 
     try:
@@ -259,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("RESLAB_DEBUG"):
             raise
-        print(f"reslab {args.command}: error: {e}", file=sys.stderr)
+        one_line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+        print(f"reslab {args.command}: error: {one_line}", file=sys.stderr)
         return 2
 
 

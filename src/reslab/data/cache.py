@@ -32,6 +32,7 @@ __all__ = [
     "cache_key",
     "CacheEntry",
     "read_entry",
+    "raise_unreadable",
 ]
 
 # Bump when the decode rules or the on-disk layout change, so old entries are ignored.
@@ -56,7 +57,7 @@ def folder_listing(root: Path, subdirs: list[str] | None = None) -> list[tuple[s
     root_str = os.path.join(str(root), "")
     tops = [os.path.join(root_str, s) for s in subdirs] if subdirs else [root_str]
     for top in tops:
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=raise_unreadable):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = os.path.relpath(dirpath, root_str).replace(os.sep, "/")
             prefix = "" if rel_dir == "." else rel_dir + "/"
@@ -71,6 +72,14 @@ def folder_listing(root: Path, subdirs: list[str] | None = None) -> list[tuple[s
                 entries.append((prefix + name, size, mtime))
     entries.sort()
     return entries
+
+
+def raise_unreadable(err: OSError) -> None:
+    """``os.walk`` error handler: an unreadable folder must not silently drop its images from the data."""
+    if isinstance(err, PermissionError):
+        raise PermissionError(f"cannot read folder {err.filename}: permission denied; make it readable "
+                              "(chmod -R a+rX) or move it out of the data folder") from err
+    raise err
 
 
 def cache_key(listing: list[tuple[str, int, int]], options: dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ __all__ = [
     "channel_stats",
     "decode_image",
     "decode_files",
+    "ImageDecodeError",
+    "ImageTooLargeError",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -336,13 +338,40 @@ def _resize_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.crop((left, top, left + w, top + h))
 
 
+class ImageDecodeError(ValueError):
+    """A file cannot be decoded as an image; ``reason`` is the decoder's complaint, the message names the file."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path) if isinstance(path, (str, os.PathLike)) else "<uploaded data>"
+        self.reason = reason
+        super().__init__(f"cannot decode image {self.path}: {reason}; is it truncated, corrupt or not an image? "
+                         "(replace or remove it)")
+
+
+class ImageTooLargeError(ImageDecodeError, Image.DecompressionBombError):
+    """More pixels than the decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` or ``max_pixels``)."""
+
+
 def decode_image(path: str | Path, size: tuple[int, int], channels: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode one file to uint8 (H, W, C) at ``size`` (H, W) with ``channels`` (1 or 3).
 
     JPEGs are decoded with ``Image.draft``, which lets libjpeg scale by 1/2, 1/4 or 1/8 while
     decoding (never below the size needed), far faster than a full decode for large photos.
-    Raises on anything unreadable or larger than ``max_pixels`` (the decompression-bomb limit).
+    Anything unreadable raises :class:`ImageDecodeError` (a ValueError naming the file), and an
+    image larger than ``max_pixels`` (the decompression-bomb limit) :class:`ImageTooLargeError`;
+    whatever exception the decoder threw is only in the message, so callers handle one type.
     """
+    try:
+        return _decode_image(path, size, channels, max_pixels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(path, _reason(exc)) from None
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # every decoder failure (OSError, SyntaxError, struct.error, ...) is the file's fault
+        raise ImageDecodeError(path, _reason(exc)) from None
+
+
+def _decode_image(path, size: tuple[int, int], channels: int, max_pixels: int | None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
@@ -392,8 +421,8 @@ def _decode_chunk(args):
         try:
             good.append(decode_image(os.path.join(root, rel), size, channels, max_pixels))
             ok[i] = True
-        except Exception as exc:
-            errors[i] = _reason(exc)
+        except ImageDecodeError as exc:
+            errors[i] = exc.reason
     images = np.stack(good) if good else np.zeros((0, size[0], size[1], channels), np.uint8)
     return images, ok, errors
 
@@ -465,7 +494,10 @@ def decode_files(
 # Image folders: layout, decode rules, cache
 # --------------------------------------------------------------------------------------
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except PermissionError as err:
+        _cache.raise_unreadable(err)
 
 
 def _scan_split(root: Path, split_dir: str, classes: list[str]) -> tuple[list[str], list[int], list[tuple[str, str]]]:
@@ -484,7 +516,7 @@ def _scan_split(root: Path, split_dir: str, classes: list[str]) -> tuple[list[st
         cdir = base / cls
         if not cdir.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True, onerror=_cache.raise_unreadable):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             prefix = os.path.relpath(dirpath, root).replace(os.sep, "/") + "/"
             for fname in sorted(filenames):
@@ -589,6 +621,12 @@ def _decode_folder(root, layout, classes, entry_dir, image_size, channels, worke
     for _, _, bad in scanned.values():
         skipped.extend(bad)
     first = "train" if "train" in scanned else "all"
+    present = set(scanned[first][1])
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty and scanned[first][0]:
+        where = root / layout[first] if layout[first] else root
+        raise ValueError(f"class folder(s) {empty} in {where} hold no image files "
+                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder(s)")
 
     # Header pass over the training files, only for the rules not fixed by the caller.
     probe_failed: dict[str, str] = {}
@@ -632,6 +670,14 @@ def _decode_folder(root, layout, classes, entry_dir, image_size, channels, worke
             good_labels = np.asarray([y for (_, y), keep in zip(todo, ok) if keep], dtype=np.int64)
             if split == first and not good_files:
                 raise ValueError(_all_failed_message(root, split, files, dict(skipped)))
+            if split == first:
+                lost = [c for i, c in enumerate(classes) if not (good_labels == i).any()]
+                if lost:
+                    reasons = dict(skipped)
+                    examples = "; ".join(f"{f}: {reasons.get(f, '?')}" for f, y in zip(files, labels)
+                                         if classes[y] in lost)
+                    raise ValueError(f"no image of class(es) {lost} in the {split!r} split of {root} could be "
+                                     f"decoded (e.g. {examples[:300]}); fix or replace those files")
             mean, std = channel_stats(out[: len(good_files)])
             entry.finish_split(split, good_labels, good_files, len(good_files))
             meta_splits[split] = {"n": len(good_files), "shape": [size[0], size[1], channels], "mean": mean, "std": std}

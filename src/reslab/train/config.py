@@ -5,6 +5,7 @@ The resolved config is saved as ``config.yaml`` in the run directory, so a run c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -99,8 +100,8 @@ class TrainConfig:
             bad("iterations", f"must be >= 1, got {self.iterations}")
         if self.batch_size < 1:
             bad("batch_size", f"must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            bad("lr", f"must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", f"must be a finite number > 0, got {self.lr}")
         if self.weight_decay < 0:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
@@ -183,7 +184,9 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of option: value, got {type(values).__name__}")
     values.pop("description", None)

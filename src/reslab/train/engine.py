@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -82,11 +83,14 @@ class StepResult:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                device: torch.device, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
-               label_smoothing: float = 0.0, objective=None, before_update=None) -> StepResult:
+               label_smoothing: float = 0.0, objective=None, before_update=None,
+               agree: Callable[[bool], bool] | None = None) -> StepResult:
     """One optimiser step on ``objective(model, x, y) -> (loss, logits)`` (default: cross-entropy).
 
     ``before_update(model)`` runs between backward and the update (e.g. gradient noise). A non-finite loss
-    skips the update and reports ``finite=False``.
+    skips the update and reports ``finite=False``. ``agree`` (data parallel: ``DistContext.all_true``) turns
+    "finite here" into "finite on every rank", so all ranks skip or step together and none is left waiting
+    in the gradient all_reduce.
     """
     with autocast(device, amp_dtype):
         if objective is None:
@@ -95,6 +99,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
         else:
             loss, logits = objective(model, x, y)
     finite = bool(torch.isfinite(loss))
+    if agree is not None:
+        finite = agree(finite)
     optimizer.zero_grad(set_to_none=True)
     if finite:
         if scaler is not None:

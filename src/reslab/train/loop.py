@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from reslab.models import count_macs, count_params, create_model
 from reslab.train import distributed as dist_utils
-from reslab.train.checkpoint import load_checkpoint, save_checkpoint
+from reslab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from reslab.train.config import TrainConfig, load_config_file, save_config
 from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_optimizer, check_loss,
                                  evaluate_loader, is_oom, out_of_memory_message, select_device, set_lr,
@@ -130,7 +130,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
     else:
         cfg = dataclasses.replace(cfg or TrainConfig(), **overrides).validate()
         run_dir = Path(cfg.out) if cfg.out else None
-        if run_dir is not None and (run_dir / "checkpoints" / "last").exists():
+        # has_checkpoint also sees <last>.prev: a kill between two renames must not restart from scratch.
+        if run_dir is not None and has_checkpoint(run_dir / "checkpoints" / "last"):
             if not cfg.auto_resume:
                 raise TrainingError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
                                     "(or --auto-resume), or choose another --out")
@@ -194,7 +195,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.enabled and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = dist.convert_sync_batchnorm(model)  # global-batch statistics; CPU (gloo) too
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -214,7 +215,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     # --- resume: weights, optimiser, scaler, RNG and data order
     step, epoch, best_score, best_metrics, skipped_steps, lr_scale = 0, 0, -1.0, {}, 0, 1.0
     prior_train_seconds, prior_train_images = 0.0, 0
-    if resuming and ((ckpt_dir / "last").exists() or (ckpt_dir / "last.prev").exists()):
+    if resuming and has_checkpoint(ckpt_dir / "last"):
         ckpt = load_checkpoint(ckpt_dir / "last")
         _load_into(model, ckpt.model_state)
         if ema is not None and ckpt.ema_state is not None:
@@ -287,7 +288,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                 try:
                     result = train_step(train_model, x, y, optimizer, device=device, amp_dtype=amp_dtype,
                                         scaler=scaler, label_smoothing=cfg.label_smoothing,
-                                        objective=objective, before_update=before_update)
+                                        objective=objective, before_update=before_update,
+                                        agree=dist.all_true if dist.enabled else None)
                 except RuntimeError as e:
                     if is_oom(e):
                         raise TrainingError(out_of_memory_message(cfg.batch_size)) from e
@@ -354,6 +356,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         if writer is not None:
             writer.close()
 
+    if is_main and status == "finished" and not last_eval:
+        # Resumed from a checkpoint written after the last step (killed before the summary): evaluate it now.
+        last_eval = evaluate_now()
     if is_main and status == "finished" and "val" not in eval_loaders:
         # Without a validation split there is nothing honest to select on: best is the final model.
         best_metrics = read_jsonl(metrics_log.path)[-1] if metrics_log.path.exists() else {}

@@ -78,8 +78,14 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        line = (json.dumps(record, default=_json_default) + "\n").encode()
+        with open(self.path, "a+b") as f:
+            # A crash mid-write leaves a torn last line: end it first, so this record gets a line of its own.
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
