@@ -93,8 +93,14 @@ def test_soup_command_end_to_end(two_runs, tmp_path, capsys):
 
 
 def test_soup_needs_held_out_data_and_two_runs(two_runs, tmp_path, capsys):
-    plain = tmp_path / "noval"
-    train(TrainConfig(**{**FAST, "val_fraction": 0.0}, out=str(plain)))
+    import shutil
+
+    import yaml
+
+    plain = tmp_path / "noval"  # a copy of a run whose config says it held nothing out
+    shutil.copytree(two_runs[0], plain)
+    cfg = yaml.safe_load((plain / "config.yaml").read_text())
+    (plain / "config.yaml").write_text(yaml.safe_dump({**cfg, "val_fraction": 0.0}))
     assert main(["soup", str(plain), str(plain)]) == 2
     assert "no validation split" in capsys.readouterr().err
     assert main(["soup", str(two_runs[0])]) == 2

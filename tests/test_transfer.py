@@ -203,3 +203,18 @@ def test_finetune_needs_a_start():
         finetune_config(None, "digits")
     with pytest.raises(ValueError, match="--weights needs --model"):
         finetune_config(None, "digits", weights="x.pth")
+
+
+@needs_train_patch
+def test_finetune_from_torchvision_weights(glyph_sets, tmp_path):
+    import torchvision
+
+    tv = torchvision.models.resnet18(num_classes=1000)
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    out = tmp_path / "tv"
+    assert main(["finetune", "--weights", str(tmp_path / "resnet18.pth"), "--model", "resnet18", "--data",
+                 str(glyph_sets[1]), "--freeze", "stem,layer1,layer2,layer3", "--epochs", "1", "--batch-size", "16",
+                 "--out", str(out), "--no-progress"]) == 0
+    tuned, card = load_model(out)
+    assert tuned.fc.out_features == 3
+    torch.testing.assert_close(tuned.layer2[0].conv1.weight, tv.layer2[0].conv1.weight)  # loaded, then frozen

@@ -63,6 +63,11 @@ class TrainConfig:
     guide: str | None = None  # guide run directory or model name (untrained) for CKA guidance
     guide_weight: float = 1.0
 
+    # --- transfer: start from trained weights (reslab finetune)
+    init_from: str | None = None  # run dir, checkpoint or torchvision .pth to start from (head reset when classes differ)
+    freeze: list[str] = field(default_factory=list)  # modules that stop learning, e.g. stem,layer1 (BN kept in eval mode)
+    backbone_lr_mult: float = 1.0  # backbone lr = lr * this; the classifier fc gets lr (discriminative fine-tuning)
+
     # --- augmentation (batched, on the training device)
     crop_padding: int = 4  # pad-and-crop, He et al. §4.2
     flip: bool = True
@@ -126,6 +131,8 @@ class TrainConfig:
             bad("guide_weight", f"must be >= 0, got {self.guide_weight}")
         if sum(x is not None and x != [] for x in (self.distill_from, self.guide, self.matryoshka or None)) > 1:
             bad("guide", "--guide, --distill-from and --matryoshka cannot be combined in one run")
+        if not self.backbone_lr_mult > 0:
+            bad("backbone_lr_mult", f"must be > 0 (freeze stages with --freeze instead), got {self.backbone_lr_mult}")
         if self.crop_padding < 0:
             bad("crop_padding", f"must be >= 0, got {self.crop_padding}")
         if self.image_size is not None and self.image_size < 1:

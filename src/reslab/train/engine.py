@@ -55,15 +55,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (optionally Nesterov) or AdamW; BN parameters and biases optionally excluded from weight decay."""
-    decay, no_decay = [], []
+    """SGD (optionally Nesterov) or AdamW; BN parameters and biases optionally excluded from weight decay.
+
+    With ``backbone_lr_mult != 1`` every parameter outside the classifier ``fc`` learns at ``lr * backbone_lr_mult``
+    (discriminative fine-tuning, Howard & Ruder 2018, §3.2): each group carries its ``lr_mult`` for ``set_lr``.
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    mults = [cfg.backbone_lr_mult] if cfg.backbone_lr_mult == 1.0 else [cfg.backbone_lr_mult, 1.0]
+    buckets: dict[tuple[float, bool], list] = {(m, d): [] for m in mults for d in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if cfg.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        mult = 1.0 if name.startswith("fc.") else cfg.backbone_lr_mult
+        buckets[(mult, not (cfg.no_decay_bn_bias and p.ndim <= 1))].append(p)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
+              for (mult, decay), params in buckets.items() if params or (decay and mult == mults[0])]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
@@ -71,7 +77,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 @dataclass

@@ -188,6 +188,15 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     except TypeError as e:
         raise TrainingError(f"--model {cfg.model} does not accept these options ({e}); "
                             "check --model-kwargs / --drop-path-rate") from None
+    if cfg.init_from and not resuming:  # fine-tuning: trained weights, a fresh head when the classes differ
+        from reslab.transfer.finetune import load_initial_weights
+
+        load_initial_weights(model, cfg.init_from, model_name=cfg.model, in_chans=splits.channels,
+                             classes=list(splits.classes))
+    if cfg.freeze:  # before build_optimizer, which leaves frozen parameters out
+        from reslab.transfer.finetune import freeze_modules
+
+        freeze_modules(model, cfg.freeze)
     input_hw = tuple(cfg.image_size and (cfg.image_size, cfg.image_size) or splits.image_size)
     macs = count_macs(model, (splits.channels, *input_hw))
     card = model_card(cfg, splits, model, macs)
