@@ -1,3 +1,113 @@
 """`reslab` subcommands of this package: each builder adds one subparser (see reslab.cli)."""
+from __future__ import annotations
 
-COMMANDS: list = []
+import argparse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from reslab.deploy.export import export_model
+
+    card = export_model(args.run, args.format, args.out, args.dynamic_batch, exporter=args.exporter)
+    parity = card.get("parity", {}).get("max_abs_diff")
+    print(f"wrote {card['path']} (+ model.json)  input {card['input']['shape']}  "
+          f"max |logit diff| vs PyTorch: {parity:.2e}")
+    return 0
+
+
+def _build_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript with a JSON card beside it")
+    p.add_argument("run", help="run directory or checkpoint folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free (ONNX)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                   help="ONNX exporter: the fast TorchScript-based one or torch.export (dynamo)")
+    p.set_defaults(func=cmd_export)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantize
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from reslab.deploy.quantize import quantize
+
+    r = quantize(args.run, args.data, calibration_images=args.calibration_images, eval_images=args.eval_images,
+                 out=args.out, method=args.calibration, bench=not args.no_bench, repeats=args.repeats)
+    acc = r.get("accuracy", {})
+    print(f"top-1 fp32 {100 * acc['top1_fp32']:.2f}%  int8 {100 * acc['top1_int8']:.2f}%  "
+          f"(agreement {100 * acc['top1_agreement']:.2f}%, {acc['count']} test images)")
+    if "throughput" in r:
+        tp = r["throughput"]
+        print("images/s: " + "  ".join(f"{k} {v['images_per_s']:.0f}" for k, v in tp.items()) +
+              f"  (int8 = {r['speedup_vs_fp32_eager']['int8_onnxruntime']:.2f}x fp32 eager)")
+    print(f"wrote {r['written_to']}/model.int8.onnx, quantize.json")
+    return 0
+
+
+def _build_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="static INT8 post-training quantization (ONNX Runtime), with a report")
+    p.add_argument("run", help="run directory or checkpoint folder")
+    p.add_argument("--data", default=None, help="dataset spec for calibration and test (default: the run's data)")
+    p.add_argument("--calibration-images", type=int, default=512, help="training images used for calibration")
+    p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="how activation ranges are chosen from the calibration images")
+    p.add_argument("--eval-images", type=int, default=None, help="test images compared (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per throughput (median reported)")
+    p.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/quantized)")
+    p.set_defaults(func=cmd_quantize)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prune
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.5 or 0.9,0.7,0.5,0.3, got {text!r}") from None
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from reslab.deploy.prune import prune
+
+    r = prune(args.run, args.target_macs, data=args.data, finetune_epochs=args.finetune_epochs,
+              finetune_lr=args.finetune_lr, calibration_images=args.calibration_images, min_keep=args.min_keep,
+              out=args.out, device=args.device, measure_speed=not args.no_bench, export_onnx=args.export_onnx)
+    b = r["baseline"]
+    print(f"unpruned: {b['macs'] / 1e6:.2f} M MACs  top-1 {100 * b['top1']:.2f}%")
+    for p in r["points"]:
+        line = (f"target {p['target_macs']:.2f}: {p['macs_after'] / 1e6:.2f} M MACs ({p['macs_fraction']:.3f})  "
+                f"params {p['params_after']:,}  top-1 one-shot {100 * p['top1_oneshot']:.2f}%")
+        if "top1_finetuned" in p:
+            line += f"  fine-tuned {100 * p['top1_finetuned']:.2f}%"
+        if "speedup" in p:
+            line += f"  speedup {p['speedup']:.2f}x"
+        print(line + f"  -> {p['run']}")
+    return 0
+
+
+def _build_prune(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot structured channel pruning to a multiply-add budget")
+    p.add_argument("run", help="run directory or checkpoint folder")
+    p.add_argument("--target-macs", type=_fractions, default=[0.5],
+                   help="fraction(s) of the original multiply-adds, e.g. 0.5 or 0.9,0.7,0.5,0.3 (a curve)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model for K epochs")
+    p.add_argument("--finetune-lr", type=float, default=None, help="peak fine-tune lr (default: the run's lr / 10)")
+    p.add_argument("--data", default=None, help="dataset spec (default: the run's data)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training images scored and BN-recalibrated on")
+    p.add_argument("--min-keep", type=float, default=0.1, help="fraction of each block's channels always kept")
+    p.add_argument("--export-onnx", action="store_true", help="also export each pruned model to ONNX (parity checked)")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
+    p.add_argument("--device", default="auto", help="device for fine-tuning")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/pruned)")
+    p.set_defaults(func=cmd_prune)
+
+
+COMMANDS: list = [_build_export, _build_quantize, _build_prune]

@@ -1,0 +1,261 @@
+"""``reslab quantize``: static post-training INT8 quantization with ONNX Runtime, calibrated on training images.
+
+Why ONNX Runtime rather than PyTorch's PT2E flow: with torch 2.14 the PT2E quantizers
+(``X86InductorQuantizer``) live in the separate ``torchao`` package, which reslab does not depend on, and
+their speed comes from ``torch.compile``/Inductor code generation (minutes of compile on a 2-core CPU).
+ONNX Runtime's static quantization (``quantize_static``, QDQ format, per-channel int8 weights, uint8
+activations) runs the U8S8 kernels that use AVX-512 VNNI directly, needs no compiler, and its result is a
+single ``.onnx`` file that the export/serve path already consumes.
+
+Flow: fp32 model -> ONNX (batch dimension free) -> ``quant_pre_process`` (shape inference, Conv+BN
+fusion) -> calibration on ``N`` training images (min/max of every activation, as in Jacob et al. 2018,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", §3) ->
+QDQ int8 model. The report compares top-1 (PyTorch fp32 vs ONNX Runtime int8 on the same test images) and
+CPU throughput of fp32 eager PyTorch, bf16 autocast, ONNX Runtime fp32 and ONNX Runtime int8, measured
+side by side (median of several timed repetitions).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from reslab.deploy.export import export_onnx, onnx_session
+from reslab.train.rundir import environment_info, write_json
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+def measure_throughput(fn: Callable[[], Any], batch_size: int, *, repeats: int = 5, min_seconds: float = 0.5,
+                       warmup: int = 2) -> dict[str, float]:
+    """Images per second of ``fn`` (one call = one batch): the median of ``repeats`` timed repetitions,
+    each running ``fn`` for at least ``min_seconds``. The median keeps other users of a shared CPU from
+    deciding the figure; the spread (min/max) is reported too."""
+    for _ in range(warmup):
+        fn()
+    rates = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        rates.append(calls * batch_size / elapsed)
+    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "repeats": repeats, "batch_size": batch_size}
+
+
+def compare_throughput(model: nn.Module, fp32_onnx: str | Path | None, int8_onnx: str | Path | None,
+                       x: torch.Tensor, *, repeats: int = 5, min_seconds: float = 0.5,
+                       bf16: bool = True) -> dict[str, dict[str, float]]:
+    """CPU throughput of the same batch through fp32 eager PyTorch, bf16 autocast (optional), ONNX Runtime
+    fp32 and ONNX Runtime int8, measured one after the other in the same process."""
+    model = model.eval()
+    results: dict[str, dict[str, float]] = {}
+    batch = x.shape[0]
+
+    def eager():
+        with torch.inference_mode():
+            model(x)
+
+    results["fp32_eager"] = measure_throughput(eager, batch, repeats=repeats, min_seconds=min_seconds)
+    if bf16:
+        def eager_bf16():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+
+        results["bf16_eager"] = measure_throughput(eager_bf16, batch, repeats=repeats, min_seconds=min_seconds)
+    feed = x.numpy()
+    for key, path in (("fp32_onnxruntime", fp32_onnx), ("int8_onnxruntime", int8_onnx)):
+        if path is None:
+            continue
+        sess = onnx_session(path, threads=torch.get_num_threads())
+        name = sess.get_inputs()[0].name
+        results[key] = measure_throughput(lambda: sess.run(None, {name: feed}), batch, repeats=repeats,
+                                          min_seconds=min_seconds)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization
+# ---------------------------------------------------------------------------------------------------------
+class _BatchReader:
+    """ONNX Runtime's CalibrationDataReader over an iterable of normalised float32 NCHW batches."""
+
+    def __init__(self, batches: Iterable[torch.Tensor], input_name: str):
+        self._batches = iter(batches)
+        self._name = input_name
+
+    def get_next(self):
+        x = next(self._batches, None)
+        return None if x is None else {self._name: x.contiguous().numpy().astype(np.float32)}
+
+    def rewind(self):  # pragma: no cover - only used by some calibrators
+        raise NotImplementedError
+
+
+def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[torch.Tensor], *,
+                  method: str = "minmax", per_channel: bool = True) -> Path:
+    """Static int8 quantization of an ONNX model (QDQ format; int8 symmetric per-channel weights, uint8
+    activations) calibrated on ``calibration`` batches."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
+    # Shape inference and ORT's basic graph optimisations (Conv+BN fusion), so the quantiser sees fused convs.
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    session = onnx_session(prepared)
+    reader = _BatchReader(calibration, session.get_inputs()[0].name)
+    del session
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    prepared.unlink(missing_ok=True)
+    return int8_path
+
+
+def onnx_logits(path: str | Path, batches: Iterable[torch.Tensor], session=None) -> torch.Tensor:
+    sess = session or onnx_session(path, threads=torch.get_num_threads())
+    name = sess.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(sess.run(None, {name: x.contiguous().numpy()})[0]) for x in batches])
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x).float() for x in batches])
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """How closely ``other`` logits follow ``reference``: top-1 agreement, relative L2 error, and both
+    top-1 accuracies when ``labels`` are given."""
+    out = {
+        "top1_agreement": float((reference.argmax(1) == other.argmax(1)).float().mean()),
+        "logits_relative_l2": float((other - reference).norm() / reference.norm().clamp_min(1e-12)),
+        "logits_max_abs_diff": float((other - reference).abs().max()),
+        "count": int(reference.shape[0]),
+    }
+    if labels is not None:
+        out["top1_reference"] = float((reference.argmax(1) == labels).float().mean())
+        out["top1_other"] = float((other.argmax(1) == labels).float().mean())
+    return out
+
+
+def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
+                   calibration: list[torch.Tensor], evaluation: list[torch.Tensor] | None = None,
+                   labels: torch.Tensor | None = None, *, method: str = "minmax", bench_batch: torch.Tensor | None = None,
+                   repeats: int = 5, min_seconds: float = 0.5) -> dict[str, Any]:
+    """Quantize ``model`` to ``out/model.int8.onnx`` and return a report (accuracy and throughput).
+
+    ``calibration``: normalised batches (training images); ``evaluation``/``labels``: test batches for the
+    accuracy comparison; ``bench_batch``: the batch timed for throughput (skipped when None).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().float().eval()
+    fp32_path, int8_path = out / "model.fp32.onnx", out / "model.int8.onnx"
+    example = calibration[0][:1]
+    t0 = time.perf_counter()
+    export_onnx(model, example, fp32_path, dynamic_batch=True)
+    quantize_onnx(fp32_path, int8_path, calibration, method=method)
+    seconds = time.perf_counter() - t0
+    report: dict[str, Any] = {
+        "model": card.get("model"),
+        "method": {"runtime": "onnxruntime", "format": "QDQ", "weights": "int8 symmetric per-channel",
+                   "activations": "uint8 asymmetric per-tensor", "calibration": method,
+                   "calibration_images": int(sum(b.shape[0] for b in calibration))},
+        "files": {"int8": int8_path.name, "fp32": fp32_path.name},
+        "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
+        "quantize_seconds": seconds,
+    }
+    if evaluation:
+        ref = torch_logits(model, evaluation)
+        q = onnx_logits(int8_path, evaluation)
+        report["accuracy"] = agreement(ref, q, labels)
+        if labels is not None:
+            report["accuracy"]["top1_fp32"] = report["accuracy"].pop("top1_reference")
+            report["accuracy"]["top1_int8"] = report["accuracy"].pop("top1_other")
+            report["accuracy"]["top1_drop_points"] = 100 * (report["accuracy"]["top1_fp32"] -
+                                                             report["accuracy"]["top1_int8"])
+    if bench_batch is not None:
+        tp = compare_throughput(model, fp32_path, int8_path, bench_batch, repeats=repeats, min_seconds=min_seconds)
+        base = tp["fp32_eager"]["images_per_s"]
+        report["throughput"] = tp
+        report["speedup_vs_fp32_eager"] = {k: v["images_per_s"] / base for k, v in tp.items()}
+    report["environment"] = environment_info("cpu")
+    int8_card = {k: v for k, v in card.items() if k not in ("files",)}
+    h, w = card["preprocessing"]["input_size"]
+    int8_card.update({"format": "onnx-int8", "file": int8_path.name,
+                      "input": {"name": "input", "shape": ["batch", card["in_chans"], h, w], "dtype": "float32",
+                                "layout": "NCHW", "note": "decode, resize and normalise with `preprocessing` first"},
+                      "output": {"name": "logits", "shape": ["batch", card["num_classes"]]},
+                      "quantization": report["method"], "dynamic_batch": True})
+    write_json(out / "model.json", int8_card)
+    write_json(out / "quantize.json", report)
+    report["written_to"] = str(out)
+    return report
+
+
+def _split_batches(images, card: dict, limit: int | None, batch_size: int, seed: int = 0):
+    """Normalised CPU batches (and labels) of at most ``limit`` images of an ImageArray, a seeded random subset."""
+    from reslab.data import ImageArray
+    from reslab.evaluate.evaluate import model_loader
+
+    n = len(images.labels)
+    if limit is not None and limit < n:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+        images = ImageArray(images=images.images[idx], labels=images.labels[idx],
+                            files=[images.files[i] for i in idx] if images.files else images.files)
+    xs, ys = [], []
+    for x, y in model_loader(card, images, device=torch.device("cpu"), batch_size=batch_size):
+        xs.append(x.float().contiguous())
+        ys.append(y.cpu())
+    return xs, torch.cat(ys)
+
+
+def quantize(run: str | Path, data: str | None = None, *, calibration_images: int = 512,
+             eval_images: int | None = None, out: str | Path | None = None, method: str = "minmax",
+             bench: bool = True, bench_batch_size: int | None = None, repeats: int = 5,
+             min_seconds: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """``reslab quantize RUN``: int8 model + report in ``RUN/quantized`` (or ``out``).
+
+    Calibrates on ``calibration_images`` random training images of ``data`` (default: the run's data),
+    compares top-1 on the test split (``eval_images`` of them, default all), and times fp32/bf16/int8.
+    """
+    from reslab.evaluate.evaluate import load_data_for_model
+    from reslab.train.checkpoint import find_checkpoint, load_model
+
+    if calibration_images < 1:
+        raise ValueError(f"--calibration-images must be >= 1, got {calibration_images}")
+    model, card = load_model(run, device="cpu")
+    ckpt = find_checkpoint(run)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    out = Path(out) if out else run_dir / "quantized"
+    splits = load_data_for_model(card, data)
+    calibration, _ = _split_batches(splits.train, card, calibration_images, batch_size=64, seed=seed)
+    evaluation, labels = _split_batches(splits.test, card, eval_images, batch_size=256, seed=seed)
+    bench_batch = None
+    if bench:
+        h, w = card["preprocessing"]["input_size"]
+        size = bench_batch_size or (64 if h * w <= 64 * 64 else 16)
+        bench_batch = torch.cat(evaluation)[:size].contiguous()
+    report = quantize_model(model, card, out, calibration, evaluation, labels, method=method,
+                            bench_batch=bench_batch, repeats=repeats, min_seconds=min_seconds)
+    report.update({"run": str(run_dir), "checkpoint": str(ckpt), "data": data or card["data"]})
+    write_json(out / "quantize.json", {k: v for k, v in report.items() if k != "written_to"})
+    return report

@@ -1,0 +1,176 @@
+"""Speed paths keep accuracy, and the benchmarks run and write well-formed results.
+
+Timings never decide pass or fail here (the machines running the suite are shared); the tests check that each
+optimisation trains to the same accuracy as its absence on a short digits run, that the fast inference path
+agrees with eager fp32, that the speed recipes run, and that ``reslab bench ...`` writes complete JSON.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reslab.train import TrainConfig, resolve_config, train
+
+# A short digits run at the native 8x8 size: a few seconds per run on 2 cores.
+DIGITS = dict(model="resnet20", data="digits", batch_size=64, epochs=3, lr=0.1, optimizer="nesterov",
+              schedule="onecycle", warmup_iters=10, label_smoothing=0.1, crop_padding=1, flip=False,
+              progress=False, eval_every=3, threads=1)
+
+
+def digits_accuracy(tmp_path, name, **overrides):
+    summary = train(TrainConfig(**{**DIGITS, **overrides}, out=str(tmp_path / name)))
+    return summary.final["test_top1"]
+
+
+@pytest.fixture(scope="module")
+def fp32_accuracy(tmp_path_factory):
+    return digits_accuracy(tmp_path_factory.mktemp("fp32"), "run", amp="off", channels_last=True)
+
+
+@pytest.mark.parametrize("change", [dict(amp="bf16", channels_last=True), dict(amp="off", channels_last=False)],
+                         ids=["bf16-autocast", "channels-last-off"])
+def test_optimisation_keeps_accuracy(tmp_path, fp32_accuracy, change):
+    """bf16 autocast and channels_last are pure speed choices: accuracy stays within run-to-run noise."""
+    accuracy = digits_accuracy(tmp_path, "run", **change)
+    assert fp32_accuracy > 0.8 and accuracy > 0.8
+    assert abs(accuracy - fp32_accuracy) < 0.06
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RESLAB_TEST_COMPILE"),
+                    reason="torch.compile of a training step takes 1-4 minutes on a 2-core CPU (inductor builds "
+                           "C++ kernels for forward and backward); set RESLAB_TEST_COMPILE=1 to run it")
+def test_compile_keeps_accuracy(tmp_path, fp32_accuracy):
+    accuracy = digits_accuracy(tmp_path, "run", amp="off", compile=True)
+    assert abs(accuracy - fp32_accuracy) < 0.06
+
+
+def test_fast_inference_path_agrees_with_eager():
+    from reslab.bench.infer_speed import agreement, eager_fp32, fast_inference_model
+    from reslab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    with torch.no_grad():  # non-trivial BN statistics, so folding has something to fold
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(16, 3, 32, 32)
+    ref = eager_fp32(model)(x)
+    fp32 = fast_inference_model(model, x, bf16=False)(x)
+    assert torch.allclose(fp32, ref, atol=1e-3, rtol=1e-3)
+    bf16 = agreement(ref, fast_inference_model(model, x)(x), None)
+    assert bf16["max_abs_logit_diff"] < 0.1 * float(ref.abs().max()) + 0.05
+
+
+@pytest.mark.parametrize("recipe", ["fast", "fast94", "fast-gpu"])
+def test_speed_recipes_run(tmp_path, recipe):
+    """Each speed recipe trains a couple of steps on the CPU (fast-gpu without compile: see the compile test)."""
+    cfg = resolve_config({"data": "digits", "iterations": 2, "batch_size": 32, "eval_batch_size": 256,
+                          "progress": False, "compile": False, "threads": 1, "out": str(tmp_path / "run")}, recipe)
+    assert cfg.recipe == recipe
+    summary = train(cfg)
+    assert summary.status == "finished" and summary.steps == 2
+    assert 0 <= summary.final["test_top1"] <= 1
+
+
+# ------------------------------------------------------------------------------------------ the bench commands
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A two-class 32x32 JPEG ImageFolder with train/ and test/ (class b has a white left half)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("test", 8)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                arr = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+                if c == "b":
+                    arr[:, :16] = 255
+                Image.fromarray(arr).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
+
+
+def read_result(path):
+    result = json.loads(open(path).read())
+    assert {"benchmark", "command", "environment", "loadavg_before", "loadavg_after"} <= result.keys()
+    assert {"torch", "cpu", "date"} <= result["environment"].keys()
+    return result
+
+
+def test_bench_train_writes_json(tmp_path, tiny_folder):
+    from reslab.bench.train_speed import bench_train
+
+    variants = [("fp32", dict(batch_size=8, amp=False, channels_last=False)),
+                ("bf16 cl", dict(batch_size=8, amp=True, channels_last=True))]
+    out = tmp_path / "train.json"
+    result = bench_train(str(tiny_folder), iterations=2, warmup=1, repeats=1, reference_iterations=2,
+                         reference_workers=0, reference_batch_size=8,
+                         configs={"reslab b8": {"batch_size": 8, "eval_batch_size": 64}},
+                         ablation_variants=variants, ablation_images=16, threads=1, out=str(out))
+    saved = read_result(out)
+    assert [r["pipeline"] for r in saved["rows"]] == ["reference", "reslab b8"]
+    for row in saved["rows"]:
+        assert row["images_per_s"] > 0 and row["fraction_of_bf16_peak"] > 0
+    assert saved["peak_bf16_matmul_flops"] > 0 and saved["training_flops_per_image"] > 0
+    assert [r["variant"] for r in saved["ablation"]] == ["fp32", "bf16 cl"]
+    assert result["path"] == str(out)
+
+
+def test_bench_infer_writes_json(tmp_path, tiny_folder):
+    from reslab.bench.infer_speed import bench_infer
+
+    out = tmp_path / "infer.json"
+    bench_infer(models={"resnet20": 32}, batch=4, repeats=1, data=str(tiny_folder), check_count=16, threads=1,
+                out=str(out))
+    saved = read_result(out)
+    (model,) = saved["models"]
+    paths = [r["path"] for r in model["rows"]]
+    assert paths[:2] == ["eager fp32", "onnxruntime fp32"] and model["best"] in paths
+    for row in model["rows"]:
+        assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and 0 <= row["top1_agreement"] <= 1
+    assert model["rows"][1]["top1_agreement"] == 1.0  # ONNX Runtime fp32 computes the same function
+
+
+def test_bench_data_writes_json(tmp_path, tiny_folder):
+    from reslab.bench.data_speed import bench_data
+
+    out = tmp_path / "data.json"
+    bench_data(str(tiny_folder), workers=1, repeats=1, batch_size=8, loader_images=64, reference_images=16,
+               reference_batch_size=8, reference_workers=0,
+               threads=1, out=str(out))
+    saved = read_result(out)
+    assert saved["decode"]["images"] == 40
+    assert all(row["images_per_s"] > 0 for row in saved["loader"])
+
+
+def test_bench_time_to_accuracy_writes_json(tmp_path):
+    from reslab.bench.time_to_accuracy import bench_time_to_accuracy
+
+    out = tmp_path / "tta.json"
+    bench_time_to_accuracy("fast", seeds=2, data="digits", threads=1, out=str(out), iterations=3, batch_size=32,
+                           eval_batch_size=256)
+    saved = read_result(out)
+    assert len(saved["runs"]) == 2 and saved["target_top1"] == 0.90 and saved["met"] in (True, False)
+    assert 0 <= saved["test_top1_mean"] <= 1 and saved["train_seconds_mean"] > 0
+
+
+def test_bench_cli_parses(tmp_path):
+    from reslab.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "train", "--data", "x", "--iterations", "5", "--compile"])
+    assert args.iterations == 5 and args.compile and callable(args.func)
+    args = parser.parse_args(["bench", "time-to-accuracy", "--recipe", "fast94", "--seeds", "3"])
+    assert args.recipe == "fast94" and args.seeds == 3

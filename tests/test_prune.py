@@ -1,0 +1,119 @@
+"""Structured pruning: MAC budget met, dense smaller model, importance prefers channels that matter,
+ONNX export with parity, and pruned runs that `reslab eval` reads."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from reslab.deploy.export import export_model
+from reslab.deploy.prune import (channel_importance, inner_channels_of, prune, prune_model, prunable_units,
+                                 select_channels)
+from reslab.models import count_macs, count_params, create_model
+
+
+def _calibrated(name: str, side: int, **kwargs) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A random-init model whose BN statistics are estimated on random data (so eval mode is meaningful)."""
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    batches = [torch.randn(16, 3, side, side) for _ in range(2)]
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return model.eval(), batches
+
+
+@pytest.mark.parametrize("name,side,target", [("resnet20", 32, 0.5), ("resnet20", 32, 0.3),
+                                              ("plain20", 32, 0.7), ("resnet50", 64, 0.5)])
+def test_prune_meets_budget_dense_and_smaller(name, side, target):
+    model, batches = _calibrated(name, side)
+    pruned, info = prune_model(model, batches, target, input_size=(3, side, side))
+    macs = count_macs(pruned, (3, side, side))
+    original = count_macs(model, (3, side, side))
+    assert macs <= target * original * 1.0001
+    assert macs >= (target - 0.03) * original  # close to the budget, not far below it
+    assert count_params(pruned) < count_params(model)
+    assert type(pruned) is type(model)
+    # Dense and consistent: plain Conv2d modules whose widths chain, residual widths unchanged.
+    assert all(not hasattr(m, "weight_mask") for m in pruned.modules())
+    assert [s.channels for s in pruned.stage_info] == [s.channels for s in model.stage_info]
+    assert inner_channels_of(pruned) == info["model_kwargs"]["inner_channels"]
+    with torch.no_grad():
+        out = pruned(torch.randn(2, 3, side, side))
+    assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+
+
+def test_scores_prefer_a_channel_that_matters_over_a_zeroed_one():
+    model, batches = _calibrated("resnet20", 32)
+    block, dead = model.layer2[1], 5
+    with torch.no_grad():  # silence channel 5 of layer2.1.conv1: its output is exactly zero
+        block.conv1.weight[dead].zero_()
+        block.bn1.weight[dead] = 0.0
+        block.bn1.bias[dead] = 0.0
+    scores = channel_importance(model, batches)["layer2.1.conv1"]
+    assert scores[dead] == 0 and (scores[torch.arange(len(scores)) != dead] > 0).all()
+    # Under a budget that removes only a few channels, the zeroed one goes first.
+    keep = select_channels(model, channel_importance(model, batches), 0.995, (3, 32, 32))
+    assert dead not in keep["layer2.1.conv1"]
+    assert sum(u.width - len(keep[u.name]) for u in prunable_units(model)) <= 3
+
+
+def test_unreachable_budget_and_bad_kwargs_raise():
+    model, batches = _calibrated("resnet20", 32)
+    with pytest.raises(ValueError, match="cannot go below"):
+        prune_model(model, batches, 0.05, input_size=(3, 32, 32), min_keep=0.5)
+    with pytest.raises(ValueError, match="inner_channels"):
+        create_model("resnet20", inner_channels=[[8]] * 4)
+    with pytest.raises(ValueError):
+        prune_model(create_model("preact_resnet20"), batches, 0.5, input_size=(3, 32, 32))
+
+
+def test_pruned_model_exports_to_onnx_with_parity(tmp_path):
+    model, batches = _calibrated("resnet50", 64, num_classes=10)
+    pruned, _ = prune_model(model, batches, 0.5, input_size=(3, 64, 64))
+    pruned.model_name = "resnet50"
+    card = export_model(pruned, "onnx", tmp_path, dynamic_batch=True, input_size=(3, 64, 64))
+    assert card["parity"]["max_abs_diff"] < 1e-4
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from reslab.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("prune") / "run"
+    train(TrainConfig(model="resnet20", data="digits", epochs=2, batch_size=64, out=str(out), progress=False,
+                      amp="off", channels_last=False))
+    return out
+
+
+def test_prune_run_finetune_and_eval(digits_run, tmp_path):
+    from reslab.cli import main
+
+    r = prune(digits_run, 0.5, finetune_epochs=1, out=tmp_path / "p", measure_speed=False, export_onnx=True,
+              calibration_images=128)
+    point = r["points"][0]
+    assert abs(point["macs_fraction"] - 0.5) < 0.03 and "top1_finetuned" in point
+    assert point["onnx"]["max_abs_diff"] < 1e-4
+    folder = tmp_path / "p" / "macs-0.50"
+    manifest = json.loads((folder / "checkpoints" / "best" / "manifest.json").read_text())
+    assert manifest["model_kwargs"]["inner_channels"] and manifest["prune"]["target_macs"] == 0.5
+    assert main(["eval", str(folder), "--out", str(tmp_path / "eval.json")]) == 0  # `reslab eval` on the pruned run
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert abs(result["top1"] - point["top1"]) < 1e-6
+
+
+def test_prune_cli_curve(digits_run, tmp_path, capsys):
+    from reslab.cli import main
+
+    code = main(["prune", str(digits_run), "--target-macs", "0.7,0.4", "--calibration-images", "64",
+                 "--out", str(tmp_path / "c")])
+    assert code == 0
+    assert "target 0.40" in capsys.readouterr().out
+    curve = json.loads((tmp_path / "c" / "prune-curve.json").read_text())
+    assert [p["target_macs"] for p in curve["points"]] == [0.7, 0.4]
+    assert all(p["speedup"] > 0 for p in curve["points"])
+    assert (tmp_path / "c" / "prune-curve.png").stat().st_size > 1000
+    assert main(["prune", str(digits_run), "--target-macs", "1.5"]) == 2
