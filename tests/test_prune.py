@@ -61,6 +61,27 @@ def test_scores_prefer_a_channel_that_matters_over_a_zeroed_one():
     assert sum(u.width - len(keep[u.name]) for u in prunable_units(model)) <= 3
 
 
+def test_score_equals_the_measured_feature_change():
+    """The closed form matches brute force: zero one channel, measure the consumer BN output's change."""
+    model, batches = _calibrated("resnet20", 32)
+    block = model.layer3[0]
+    scores = channel_importance(model, batches[:1])["layer3.0.conv1"]
+    captured = {}
+    block.bn2.register_forward_hook(lambda m, i, o: captured.__setitem__("y", o.detach().clone()))
+    with torch.no_grad():
+        model(batches[0])
+        reference = captured["y"]
+        for c in (0, 7, 31):
+            handle = block.conv2.register_forward_pre_hook(
+                lambda m, inp, c=c: (inp[0].index_fill(1, torch.tensor([c]), 0.0),))
+            model(batches[0])
+            handle.remove()
+            change = reference - captured["y"]
+            centred = change - change.mean(dim=(0, 2, 3), keepdim=True)
+            expected = centred.pow(2).sum() / (change.shape[0] * change.shape[2] * change.shape[3])
+            assert torch.isclose(scores[c].float(), expected, rtol=1e-3), (c, scores[c], expected)
+
+
 def test_unreachable_budget_and_bad_kwargs_raise():
     model, batches = _calibrated("resnet20", 32)
     with pytest.raises(ValueError, match="cannot go below"):

@@ -15,7 +15,8 @@ map, measured on a few calibration batches of training images,
 
 (``h_c`` the channel's activation, ``conv_next`` the consumer conv restricted to that input channel,
 ``gamma / sigma`` the consumer BN's eval-mode scale), which is exact for the consumer's BN output because
-the conv and BN are linear in ``h_c``. The mean part of the change is not lost: it is folded into the
+the conv and BN are linear in ``h_c`` (computed from k*k patch Gram matrices, no per-channel forward).
+The mean part of the change is not lost: it is folded into the
 consumer BN's running mean when the channel is removed (a bias correction), so only the varying part
 counts against the channel. Scores are divided by their unit's total so units of different
 scale compare, and channels are removed greedily, cheapest importance per multiply-add first, until the
@@ -106,26 +107,34 @@ def _feature_sums(h: torch.Tensor, unit: Unit, chunk_elements: int = 2 ** 24) ->
     """For each input channel c of ``unit.consumer`` and output channel o: the sums over batch and positions
     of conv(h_c)[o] and of its square (pre-BN), and the number of positions summed.
 
-    Each channel's contribution is a grouped convolution (one group per channel, the consumer's weights
-    for that channel as the group's filters), computed in chunks of channels to bound memory.
+    conv(h_c)[o] at a position is ``w_oc . p_c`` with ``p_c`` the channel's k*k input patch there, so the
+    sums are ``w_oc . sum(p_c)`` and ``w_oc^T (sum p_c p_c^T) w_oc``: one k*k Gram matrix per channel
+    (``F.unfold`` patches, zero padding and stride included) serves every output channel. Chunked over
+    channels to bound memory.
     """
     conv = unit.consumer
-    weight = conv.weight.detach()  # (O, C, k, k)
+    if conv.groups != 1:
+        raise ValueError(f"{unit.name}: grouped consumer convolutions are not supported")
+    weight = conv.weight.detach().float()  # (O, C, kh, kw)
     out_channels, in_channels = weight.shape[:2]
-    out_h = (h.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-    out_w = (h.shape[3] + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
-    step = max(1, chunk_elements // (h.shape[0] * out_channels * out_h * out_w))
+    kk = weight.shape[2] * weight.shape[3]
+    batch = h.shape[0]
     first = torch.empty(in_channels, out_channels, dtype=torch.float64)
     second = torch.empty(in_channels, out_channels, dtype=torch.float64)
+    positions = 0
+    step = max(1, chunk_elements // max(1, batch * kk * h.shape[2] * h.shape[3]))
     for start in range(0, in_channels, step):
         stop = min(in_channels, start + step)
         n = stop - start
-        w = weight[:, start:stop].transpose(0, 1).reshape(n * out_channels, 1, *weight.shape[2:])
-        y = F.conv2d(h[:, start:stop], w, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=n)
-        y = y.view(h.shape[0], n, out_channels, out_h * out_w).double()
-        first[start:stop] = y.sum(dim=(0, 3))
-        second[start:stop] = y.pow(2).sum(dim=(0, 3))
-    return first, second, h.shape[0] * out_h * out_w
+        cols = F.unfold(h[:, start:stop], conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                        stride=conv.stride).view(batch, n, kk, -1)
+        positions = batch * cols.shape[-1]
+        sums = cols.sum(dim=(0, 3)).double()  # (n, kk)
+        gram = torch.einsum("bnkl,bnjl->nkj", cols, cols).double()  # (n, kk, kk)
+        w = weight[:, start:stop].reshape(out_channels, n, kk).transpose(0, 1).double()  # (n, O, kk)
+        first[start:stop] = torch.einsum("nok,nk->no", w, sums)
+        second[start:stop] = torch.einsum("nok,nkj,noj->no", w, gram, w)
+    return first, second, positions
 
 
 @torch.no_grad()

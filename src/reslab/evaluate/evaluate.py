@@ -82,8 +82,11 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
     from reslab.data import ImageArray
     from reslab.data.sources import decode_image
 
+    from reslab.evaluate.calibration import stored_temperature
+
     dev = select_device(device)
     model, card = load_model(run, device=dev)
+    temperature = stored_temperature(run)  # 1.0 unless `reslab calibrate` fitted one
     prep = card["preprocessing"]
     arrays = [decode_image(p, channels=prep["channels"], size=tuple(prep["stored_size"])) for p in images]
     batch = ImageArray(images=np.stack(arrays), labels=np.zeros(len(arrays), dtype=np.int64),
@@ -95,7 +98,7 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
         probs = []
         for x, _ in model_loader(card, batch, device=dev, batch_size=64):
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+                probs.append(torch.softmax(model(x).float() / temperature, dim=1).cpu())
         probs = torch.cat(probs)
     for path, p in zip(images, probs):
         values, idx = p.topk(k)
