@@ -143,6 +143,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(steps, test, "o-", color=colour, label=f"{r['name']} (test)")
             ax.plot([c["step"] for c in r["curve"]], [100 * c["train_error"] for c in r["curve"]], "--",
                     color=colour, alpha=0.5, linewidth=1)
+        ax.axhline(90, color="grey", linestyle=":", linewidth=1)  # chance level, 10 classes
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel("error (%)  solid: test, dashed: train")

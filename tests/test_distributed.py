@@ -37,7 +37,7 @@ FLAGS = ["--data", "digits", "--train-fraction", "0.12", "--batch-size", "48", "
 
 def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "RESLAB_CACHE": str(tmp_path / "cache"),
-            "RESLAB_DIST_TIMEOUT": "60"}
+            "RESLAB_DIST_TIMEOUT": "60", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def _files(run: Path) -> list[str]:

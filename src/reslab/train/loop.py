@@ -188,6 +188,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     except TypeError as e:
         raise TrainingError(f"--model {cfg.model} does not accept these options ({e}); "
                             "check --model-kwargs / --drop-path-rate") from None
+    if cfg.drop_path_rate and not any(getattr(m, "use_shortcut", False) for m in model.modules()):
+        raise TrainingError(f"--drop-path-rate: {cfg.model} has no residual branches to drop (stochastic depth "
+                            "needs shortcuts); use a residual model")
     if cfg.init_from and not resuming:  # fine-tuning: trained weights, a fresh head when the classes differ
         from reslab.transfer.finetune import load_initial_weights
 

@@ -89,6 +89,10 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Ten
     """
     x = x.flatten(1).float()
     y = y.flatten(1).float()
+    # CKA is scale-invariant: normalising first keeps the Gram matrices finite for huge activations
+    # (an untrained deep guide in eval mode grows its activations block by block).
+    x = x / x.norm().clamp_min(eps)
+    y = y / y.norm().clamp_min(eps)
     k, l = x @ x.T, y @ y.T
     n = k.shape[0]
     h = torch.eye(n, device=x.device) - 1.0 / n
@@ -101,14 +105,21 @@ class StageOutputs:
 
     def __init__(self, net: nn.Module):
         self.outputs: list[torch.Tensor] = []
+        self.active = False  # collect only inside `collect()`, so evaluation passes hold nothing
         self.handles = [net.get_submodule(s.name).register_forward_hook(self._hook) for s in net.stage_info]
 
     def _hook(self, module, inputs, output):
-        self.outputs.append(output)
+        if self.active:
+            self.outputs.append(output)
 
-    def take(self) -> list[torch.Tensor]:
-        out, self.outputs = self.outputs, []
-        return out
+    def collect(self, forward, x) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run ``forward(x)`` and return its output with the stage outputs it produced."""
+        self.active, self.outputs = True, []
+        try:
+            out = forward(x)
+            return out, self.outputs
+        finally:
+            self.active, self.outputs = False, []
 
 
 class Guidance:
@@ -127,13 +138,10 @@ class Guidance:
         self.pairs = min(len(unwrap(model).stage_info), len(self.guide.stage_info))
 
     def __call__(self, model, x, y):
-        self.target_stages.take()
-        logits = model(x)
-        target = self.target_stages.take()[-self.pairs:]
+        logits, target = self.target_stages.collect(model, x)
         with torch.no_grad():
-            self.guide_stages.take()
-            self.guide(x)
-            guide = self.guide_stages.take()[-self.pairs:]
+            _, guide = self.guide_stages.collect(self.guide, x)
+        target, guide = target[-self.pairs:], guide[-self.pairs:]
         align = sum(1 - linear_cka(t, g) for t, g in zip(target, guide))
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return ce + self.weight * align, logits
