@@ -81,6 +81,24 @@ def make_loader(train_dir: str, batch_size: int = 128, num_workers: int = 2) -> 
                                        drop_last=True, persistent_workers=num_workers > 0)
 
 
+def cpu_seconds(loader=None) -> float | None:
+    """CPU seconds (user + system) of this process and of ``loader``'s live worker processes (Linux /proc).
+
+    On a machine shared with other jobs a 3-process pipeline gets more CPU than a 1-process one; images per
+    CPU-second compares the pipelines' work independently of that share.
+    """
+    total = time.process_time()
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    for worker in workers:
+        try:
+            with open(f"/proc/{worker.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+    return total
+
+
 def reference_throughput(train_dir: str, *, iterations: int = 60, warmup: int = 5, batch_size: int = 128,
                          num_workers: int = 2, model: nn.Module | None = None, loader=None) -> dict:
     """Train ``iterations`` steps end to end (JPEG decode + PIL augmentation + fp32 eager step) and return the
@@ -95,11 +113,11 @@ def reference_throughput(train_dir: str, *, iterations: int = 60, warmup: int = 
     if len(loader) == 0:
         raise ValueError(f"{train_dir} holds fewer images than one batch of {batch_size}")
     criterion = nn.CrossEntropyLoss()
-    step, images, t0 = 0, 0, None
+    step, images, t0, cpu0 = 0, 0, None, None
     while step < warmup + iterations:
         for x, y in loader:
             if step == warmup:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), cpu_seconds(loader)
             loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,7 +128,10 @@ def reference_throughput(train_dir: str, *, iterations: int = 60, warmup: int = 
             if step >= warmup + iterations:
                 break
     seconds = time.perf_counter() - t0
-    return {"images_per_s": images / seconds, "seconds": seconds, "images": images, "final_loss": loss.item()}
+    cpu1 = cpu_seconds(loader)
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return {"images_per_s": images / seconds, "seconds": seconds, "images": images, "cpu_seconds": cpu,
+            "images_per_cpu_s": images / cpu if cpu else None, "final_loss": loss.item()}
 
 
 def main() -> None:

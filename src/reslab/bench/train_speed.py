@@ -94,17 +94,19 @@ def loop_throughput(data: str, *, model: str = "resnet20", iterations: int = 40,
     from reslab.train import train
     from reslab.train.config import TrainConfig
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, CPU seconds of this process) after each step
     with tempfile.TemporaryDirectory(prefix="reslab-bench-") as tmp:
         cfg = TrainConfig(model=model, data=str(data), iterations=warmup + iterations, seed=seed,
                           out=str(Path(tmp) / "run"), progress=False, eval_batch_size=1024)
         cfg = dataclasses.replace(cfg, **overrides)
         start = time.perf_counter()
-        summary = train(cfg, on_step=lambda step: stamps.append(time.perf_counter()))
-    batch = cfg.batch_size
-    seconds = stamps[-1] - stamps[warmup - 1]
-    return {"images_per_s": iterations * batch / seconds, "seconds": seconds, "images": iterations * batch,
-            "warmup_seconds": stamps[warmup - 1] - start, "loop_train_images_per_s": summary.train_images_per_s}
+        summary = train(cfg, on_step=lambda step: stamps.append((time.perf_counter(), time.process_time())))
+    images = iterations * cfg.batch_size
+    seconds = stamps[-1][0] - stamps[warmup - 1][0]
+    cpu = stamps[-1][1] - stamps[warmup - 1][1]
+    return {"images_per_s": images / seconds, "seconds": seconds, "images": images, "cpu_seconds": cpu,
+            "images_per_cpu_s": images / cpu, "warmup_seconds": stamps[warmup - 1][0] - start,
+            "loop_train_images_per_s": summary.train_images_per_s}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,8 +197,7 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
     splits = load_data(str(data), progress=False)  # the one-time decode into the cache happens here
     shape = (splits.channels, *splits.image_size)
     flops_per_image = training_flops_per_image(model, splits.num_classes, shape)
-    peak_bf16 = matmul_peak(torch.bfloat16)
-    peak_fp32 = matmul_peak(torch.float32)
+    peaks: dict[str, list[float]] = {"bf16": [], "fp32": []}
 
     from reslab.models import create_model
 
@@ -204,6 +205,9 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
     configs = configs if configs is not None else LOOP_CONFIGS
     samples: dict[str, list[dict]] = {"reference": [], **{name: [] for name in configs}}
     for _ in range(repeats):
+        # The peak is re-measured every round, as the load moves; its median is the denominator.
+        peaks["bf16"].append(matmul_peak(torch.bfloat16, repeats=3))
+        peaks["fp32"].append(matmul_peak(torch.float32, repeats=3))
         # The same network on both sides (reslab's resnet20, fp32 contiguous for the reference).
         net = create_model(model, num_classes=splits.num_classes, in_chans=splits.channels)
         samples["reference"].append(ref.reference_throughput(str(train_dir), iterations=reference_iterations,
@@ -213,12 +217,19 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
                                                  **overrides))
     del ref_loader
 
+    peak_bf16, peak_fp32 = median_rate(peaks["bf16"]), median_rate(peaks["fp32"])
     ref_rate = median_rate([s["images_per_s"] for s in samples["reference"]])
+    ref_cpu = [s["images_per_cpu_s"] for s in samples["reference"] if s.get("images_per_cpu_s")]
+    ref_cpu_rate = median_rate(ref_cpu) if ref_cpu else None
     rows = []
     for name, runs in samples.items():
         rate = median_rate([s["images_per_s"] for s in runs])
+        cpu_rates = [s["images_per_cpu_s"] for s in runs if s.get("images_per_cpu_s")]
+        cpu_rate = median_rate(cpu_rates) if cpu_rates else None
         rows.append({"pipeline": name, "images_per_s": rate, "samples": [s["images_per_s"] for s in runs],
-                     "vs_reference": rate / ref_rate, "tflops": rate * flops_per_image / 1e12,
+                     "vs_reference": rate / ref_rate, "images_per_cpu_s": cpu_rate,
+                     "vs_reference_per_cpu": cpu_rate / ref_cpu_rate if cpu_rate and ref_cpu_rate else None,
+                     "tflops": rate * flops_per_image / 1e12,
                      "fraction_of_bf16_peak": rate * flops_per_image / peak_bf16,
                      "warmup_seconds": median_rate([s.get("warmup_seconds", 0.0) for s in runs]),
                      "settings": configs.get(name, {"batch_size": reference_batch_size, "amp": "off",
@@ -227,7 +238,7 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
         "model": model, "data": str(data), "repeats": repeats, "iterations": iterations,
         "reference_iterations": reference_iterations, "torch_threads": threads_used,
         "training_flops_per_image": flops_per_image,
-        "peak_bf16_matmul_flops": peak_bf16, "peak_fp32_matmul_flops": peak_fp32,
+        "peak_bf16_matmul_flops": peak_bf16, "peak_fp32_matmul_flops": peak_fp32, "peak_samples": peaks,
         "rows": rows,
     }
     if ablation_variants:
@@ -245,6 +256,7 @@ def print_train(result: dict) -> None:
           f"{result['loadavg_after']}")
     print(format_table(result["rows"], [("pipeline", "pipeline"), ("images_per_s", "images/s"),
                                         ("vs_reference", "x reference"),
+                                        ("images_per_cpu_s", "img/CPU-s"), ("vs_reference_per_cpu", "x ref per CPU"),
                                         ("fraction_of_bf16_peak", "fraction of bf16 peak"),
                                         ("warmup_seconds", "one-time s")]))
     if result.get("ablation"):

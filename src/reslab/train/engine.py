@@ -90,7 +90,7 @@ class StepResult:
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                device: torch.device, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
                label_smoothing: float = 0.0, objective=None, before_update=None,
-               agree: Callable[[bool], bool] | None = None) -> StepResult:
+               agree: Callable[[bool], bool] | None = None, check_finite: bool = True) -> StepResult:
     """One optimiser step on ``objective(model, x, y) -> (loss, logits)`` (default: cross-entropy).
 
     ``before_update(model)`` runs between backward and the update (e.g. gradient noise). A non-finite loss
@@ -104,7 +104,9 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         else:
             loss, logits = objective(model, x, y)
-    finite = bool(torch.isfinite(loss))
+    # A host sync per step: free on a CPU, a pipeline stall on a GPU. With check_finite=False the update always
+    # runs and the loop checks the epoch's loss instead (nan_policy "stop").
+    finite = bool(torch.isfinite(loss)) if check_finite else True
     if agree is not None:
         finite = agree(finite)
     optimizer.zero_grad(set_to_none=True)

@@ -301,7 +301,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                     result = train_step(train_model, x, y, optimizer, device=device, amp_dtype=amp_dtype,
                                         scaler=scaler, label_smoothing=cfg.label_smoothing,
                                         objective=objective, before_update=before_update,
-                                        agree=dist.all_true if dist.enabled else None)
+                                        agree=dist.all_true if dist.enabled else None,
+                                        check_finite=cfg.nan_policy == "skip" or device.type != "cuda")
                 except RuntimeError as e:
                     if is_oom(e):
                         raise TrainingError(out_of_memory_message(cfg.batch_size)) from e
@@ -337,6 +338,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                       "train_loss": (stats[0] / stats[2]).item(), "train_top1": (stats[1] / stats[2]).item(),
                       "images_per_s": seen * dist.world_size / max(1e-9, epoch_seconds),
                       "seconds": epoch_seconds}
+            if not math.isfinite(record["train_loss"]):
+                raise TrainingError(f"the loss became non-finite during epoch {epoch}; lower --lr, check the data, "
+                                    "or pass --nan-policy skip")
             done = step >= total_steps
             if is_main and (epoch % cfg.eval_every == 0 or done):
                 last_eval = evaluate_now()
