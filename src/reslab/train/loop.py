@@ -311,11 +311,12 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                 if not result.finite:
                     skipped_steps += 1
                     lr_scale *= 0.5
-                elif ema is not None:
-                    ema.update(model)
-                loss_sum += result.loss * y.numel()
-                correct_sum += result.correct
-                seen += y.numel()
+                else:
+                    if ema is not None:
+                        ema.update(model)
+                    loss_sum += result.loss * y.numel()
+                    correct_sum += result.correct
+                    seen += y.numel()
                 step += 1
                 if progress is not None:
                     progress.update(1)
@@ -338,7 +339,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                       "train_loss": (stats[0] / stats[2]).item(), "train_top1": (stats[1] / stats[2]).item(),
                       "images_per_s": seen * dist.world_size / max(1e-9, epoch_seconds),
                       "seconds": epoch_seconds}
-            if not math.isfinite(record["train_loss"]):
+            if cfg.nan_policy == "stop" and not math.isfinite(record["train_loss"]):
                 raise TrainingError(f"the loss became non-finite during epoch {epoch}; lower --lr, check the data, "
                                     "or pass --nan-policy skip")
             done = step >= total_steps
