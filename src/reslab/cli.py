@@ -180,8 +180,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _build_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (no arguments: the quick default run on digits)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help="train a model (no arguments: the quick default run on digits)")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
