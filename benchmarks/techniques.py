@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         selected = not args.only or run["name"] in args.only
         if not finished(run_dir) and selected and not args.report_only:
             print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
-            # OMP_NUM_THREADS=1: the machine is shared; one intra-op thread per training (CONTRIBUTING-HELPERS).
+            # OMP_NUM_THREADS=1: the machine is shared; one intra-op thread per training; pass OMP_NUM_THREADS explicitly to change it.
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             rc = subprocess.run(cmd, cwd=work, env=env).returncode
             if rc != 0:

@@ -5,11 +5,14 @@ Parity: max |logit difference| < 1e-4 between PyTorch and ONNX Runtime on a rand
 exported at a small input (64x64; 75x75 for inception_resnet_v2, whose valid-padded stem needs it) to keep
 the test fast; the graph does not depend on the spatial size. Skipped, with the reason:
 ``TOO_SLOW`` (1000+ layers: exporting alone takes well over a minute on a 2-core CPU). BN statistics are
-estimated on a few batches first, as in a trained net (see the test).
+estimated on a few batches first, as in a trained net (see the test). Where float32 arithmetic itself is
+further than 1e-4 from the fp64 result (a few random-init deep nets), the bar is 3x that rounding error.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +27,10 @@ TOLERANCE = 1e-4
 SMALL_SIDE = {"inception_resnet_v2": 75}  # smallest input its valid-padded stem accepts
 TOO_SLOW = {"resnet1202": "1202 layers: export > 1 min on 2 cores",
             "preact_resnet1001": "1001 layers: export > 1 min on 2 cores"}
+# Deeper/wider repeats of blocks already covered by a smaller sibling, 15-30 s each on 2 cores; run them
+# with RESLAB_EXPORT_ALL=1 (all passed on 2026-11-25).
+SLOW = {"resnet101": "resnet50", "resnet152": "resnet50", "wide_resnet50_2": "resnet50",
+        "wrn28_10": "wrn16_4", "resnext29_8x64d": "resnext50_32x4d"}
 
 
 def _real_batch(channels: int, side: int, n: int = 2) -> torch.Tensor:
@@ -44,6 +51,8 @@ def _side(name: str) -> int:
 def test_onnx_parity_over_registry(name, tmp_path):
     if name in TOO_SLOW:
         pytest.skip(TOO_SLOW[name])
+    if name in SLOW and not os.environ.get("RESLAB_EXPORT_ALL"):
+        pytest.skip(f"same blocks as {SLOW[name]}, 15-30 s to export; set RESLAB_EXPORT_ALL=1 to run")
     torch.manual_seed(0)
     model = create_model(name)
     side = _side(name)
@@ -53,7 +62,13 @@ def test_onnx_parity_over_registry(name, tmp_path):
     card = export_model(model, "onnx", tmp_path, dynamic_batch=True, input_size=(3, side, side), check=False)
     inputs = [torch.randn(2, 3, side, side), _real_batch(3, side)]
     diff = max_abs_diff(model, card["path"], inputs)
-    assert diff < TOLERANCE, f"{name}: max |logit diff| {diff:.2e}"
+    # The bar is 1e-4, or float32's own rounding error on this net if larger: for some random-init deep nets
+    # (plain56, resnet50 at 64x64) PyTorch fp32 itself is ~1e-4 away from fp64, and ONNX Runtime is as close
+    # to the fp64 result as PyTorch is.
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        fp32_noise = max(float((model(x).double() - model64(x.double())).abs().max()) for x in inputs)
+    assert diff < max(TOLERANCE, 3 * fp32_noise), f"{name}: max |logit diff| {diff:.2e} (fp32 noise {fp32_noise:.1e})"
 
 
 def test_torchscript_loads_and_matches(tmp_path):

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import typing
-from pathlib import Path
 
 from reslab.train.config import TrainConfig
 

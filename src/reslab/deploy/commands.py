@@ -81,7 +81,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
               finetune_lr=args.finetune_lr, calibration_images=args.calibration_images, min_keep=args.min_keep,
               out=args.out, device=args.device, measure_speed=not args.no_bench, export_onnx=args.export_onnx)
     b = r["baseline"]
-    print(f"unpruned: {b['macs'] / 1e6:.2f} M MACs  top-1 {100 * b['top1']:.2f}%")
+    print(f"unpruned: {b['macs'] / 1e6:.2f} M MACs  top-1 {100 * b['top1']:.2f}% "
+          f"({100 * b['top1_bn_recalibrated']:.2f}% with BN statistics re-estimated as the pruned nets get)")
     for p in r["points"]:
         line = (f"target {p['target_macs']:.2f}: {p['macs_after'] / 1e6:.2f} M MACs ({p['macs_fraction']:.3f})  "
                 f"params {p['params_after']:,}  top-1 one-shot {100 * p['top1_oneshot']:.2f}%")
@@ -110,4 +111,6 @@ def _build_prune(sub) -> None:
     p.set_defaults(func=cmd_prune)
 
 
-COMMANDS: list = [_build_export, _build_quantize, _build_prune]
+from reslab.deploy.serve_command import build_serve  # noqa: E402
+
+COMMANDS: list = [_build_export, _build_quantize, _build_prune, build_serve]

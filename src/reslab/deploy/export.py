@@ -55,7 +55,7 @@ def resolve_model(run_or_model: str | Path | nn.Module, input_size: tuple[int, i
     from reslab.train.checkpoint import find_checkpoint, load_model
 
     model, card = load_model(run_or_model, device="cpu")
-    card = {k: v for k, v in card.items() if k != "files"}
+    card = {k: v for k, v in card.items() if k not in ("files", "format_version")}
     card["source_checkpoint"] = str(find_checkpoint(run_or_model))
     if input_size is not None:
         card["preprocessing"] = {**card["preprocessing"], "input_size": list(input_size[1:])}

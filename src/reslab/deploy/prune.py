@@ -414,7 +414,7 @@ def prune(run: str | Path, target_macs: float | list[float] = 0.5, *, data: str 
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import find_checkpoint, load_model, save_checkpoint
     from reslab.train.config import TrainConfig, load_config_file, save_config
-    from reslab.train.engine import evaluate_loader, select_device
+    from reslab.train.engine import select_device
     from reslab.train.rundir import JsonlLog
 
     targets = [target_macs] if isinstance(target_macs, (int, float)) else list(target_macs)
@@ -439,7 +439,9 @@ def prune(run: str | Path, target_macs: float | list[float] = 0.5, *, data: str 
             m = m.cpu().eval()
             return float(torch.cat([m(x).argmax(1) for x in test_batches]).eq(test_labels).float().mean())
 
-    base = {"macs": count_macs(model, input_size), "params": count_params(model), "top1": top1(model)}
+    base = {"macs": count_macs(model, input_size), "params": count_params(model), "top1": top1(model),
+            # the same BN re-estimation the pruned nets get, so their comparison with the baseline is fair
+            "top1_bn_recalibrated": top1(recalibrate_batchnorm(copy.deepcopy(model), calibration))}
     if measure_speed:
         base["images_per_s"] = _eager_throughput(model, bench_x)
     points = []
@@ -506,6 +508,9 @@ def plot_curve(report: dict, path: str | Path) -> None:
                 [100 * p["top1_finetuned"] for p in pts if "top1_finetuned" in p], "o-",
                 label=f"+ fine-tune ({pts[0]['finetune_epochs']} ep)")
     ax.plot([base["macs"] / 1e6], [100 * base["top1"]], "k*", markersize=10, label="unpruned")
+    if "top1_bn_recalibrated" in base:
+        ax.plot([base["macs"] / 1e6], [100 * base["top1_bn_recalibrated"]], "kx", markersize=8,
+                label="unpruned, BN re-estimated")
     for p in pts:
         ax.annotate(f"{p['target_macs']:.1f}", (p["macs_after"] / 1e6, 100 * p["top1"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))

@@ -39,18 +39,10 @@ def measure_throughput(fn: Callable[[], Any], batch_size: int, *, repeats: int =
     """Images per second of ``fn`` (one call = one batch): the median of ``repeats`` timed repetitions,
     each running ``fn`` for at least ``min_seconds``. The median keeps other users of a shared CPU from
     deciding the figure; the spread (min/max) is reported too."""
-    for _ in range(warmup):
-        fn()
-    rates = []
-    for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        rates.append(calls * batch_size / elapsed)
+    from reslab.bench import time_calls
+
+    rates = [batch_size / seconds for seconds in time_calls(fn, repeats=repeats, min_seconds=min_seconds,
+                                                            warmup=warmup)]
     return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
             "repeats": repeats, "batch_size": batch_size}
 

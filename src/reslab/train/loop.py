@@ -176,7 +176,6 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
 
     steps_per_epoch = len(train_loader)
     total_steps = cfg.iterations or cfg.epochs * steps_per_epoch
-    total_epochs = math.ceil(total_steps / steps_per_epoch)
     cfg.milestones = resolve_milestones(cfg, steps_per_epoch)
 
     # --- model, optimiser, EMA

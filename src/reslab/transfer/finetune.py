@@ -17,7 +17,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 import torch.nn as nn
 
 STEM = "stem"  # alias for the modules before the first stage (conv1, bn1, ... in the ResNets)
