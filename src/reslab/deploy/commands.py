@@ -2,6 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+
+
+def require_export_extra(command: str) -> None:
+    """ONNX export and ONNX Runtime are the optional `export` extra: say how to get them, not a traceback."""
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"reslab {command} needs {', '.join(missing)}; install with: pip install 'reslab[export]'")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -9,6 +17,8 @@ import argparse
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        require_export_extra("export")
     from reslab.deploy.export import export_model
 
     card = export_model(args.run, args.format, args.out, args.dynamic_batch, exporter=args.exporter)
@@ -34,6 +44,7 @@ def _build_export(sub) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    require_export_extra("quantize")
     from reslab.deploy.quantize import quantize
 
     r = quantize(args.run, args.data, calibration_images=args.calibration_images, eval_images=args.eval_images,

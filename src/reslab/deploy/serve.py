@@ -56,8 +56,7 @@ from starlette.formparsers import MultiPartException
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB: any photo a phone takes, far below memory trouble
-DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels decoded is ~120 MB of RGB; bigger claims are bombs
+from reslab.deploy.serve_command import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402,F401
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file in a multipart body
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 UPLOAD_FIELDS = ("file", "image")  # multipart field names taken as the image

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import argparse
 
+# Input limits, here so that building the CLI needs no web framework (fastapi is the optional `serve` extra).
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB: any photo a phone takes, far below memory trouble
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels decoded is ~120 MB of RGB; bigger claims are bombs
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from reslab.deploy import serve as serve_module
+    try:
+        from reslab.deploy import serve as serve_module
+    except ImportError as e:
+        raise ValueError(f"reslab serve needs FastAPI and uvicorn ({e}); install them with: "
+                         "pip install 'reslab[serve]'") from None
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
@@ -17,7 +25,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_serve(sub) -> None:
-    from reslab.deploy.serve import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
 
     p = sub.add_parser("serve", help="HTTP API and web page for a trained run: /predict, /saliency, /model, /health",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
