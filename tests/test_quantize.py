@@ -9,23 +9,21 @@ import torch
 
 from reslab.deploy.quantize import agreement, measure_throughput, onnx_logits, quantize
 
+from conftest import train_quick_digits
+
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from reslab.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("quantize") / "run"
-    train(TrainConfig(model="resnet20", data="digits", epochs=2, batch_size=64, out=str(out), progress=False,
-                      amp="off", channels_last=False))
-    return out
+    return train_quick_digits(tmp_path_factory.mktemp("quantize") / "run")
 
 
 def test_quantize_keeps_accuracy(digits_run, tmp_path):
     r = quantize(digits_run, calibration_images=128, out=tmp_path / "q", bench=False)
     acc = r["accuracy"]
     assert acc["count"] == 359  # the whole digits test split
-    assert acc["top1_drop_points"] <= 3.0, acc
-    assert acc["top1_agreement"] >= 0.8, acc  # a 2-epoch model has many near-ties; accuracy is the criterion
+    assert acc["top1_fp32"] >= 0.9, acc  # a trained model, so near-ties do not decide the comparison
+    assert acc["top1_drop_points"] <= 1.0, acc  # the bar
+    assert acc["top1_agreement"] >= 0.97, acc
     int8 = tmp_path / "q" / "model.int8.onnx"
     graph = onnx.load(str(int8)).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # really quantized (QDQ)
