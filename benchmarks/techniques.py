@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=("step", "onecycle"), default="onecycle")
     p.add_argument("--only", nargs="*", help="run only these run names")
     p.add_argument("--report-only", action="store_true", help="do not train; report the finished runs")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON result path")
+    p.add_argument("--figure", type=Path, default=FIGURE, help="figure path")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "src"))
     from reslab.train.rundir import environment_info, write_json
 
-    write_json(RESULTS, {
+    write_json(args.results, {
         "benchmark": "techniques",
         "date": time.strftime("%Y-%m-%d"),
         "data": {"source": args.source, "subset": str(data), "train_per_class": args.train_per_class,
@@ -222,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment_info("cpu"),
     })
     if results:
-        plot(results, FIGURE)
-    print(f"wrote {RESULTS}" + (f" and {FIGURE}" if results else ""))
+        plot(results, args.figure)
+    print(f"wrote {args.results}" + (f" and {args.figure}" if results else ""))
     return 0
 
 

@@ -120,6 +120,44 @@ def test_analyze_and_calibrate_write_json_figures_and_temperature(tiny_run):
     assert stored_temperature(tiny_run) == pytest.approx(c["temperature"])
 
 
+def test_predict_divides_the_logits_by_the_stored_temperature(tiny_run, tmp_path):
+    """`reslab predict` returns softmax(logits / T) with the T that `reslab calibrate` stored (Guo et al. 2017)."""
+    import shutil
+
+    from PIL import Image
+
+    from reslab.data import load_data
+    from reslab.evaluate import predict
+    from reslab.evaluate.analyze import model_logits
+    from reslab.evaluate.calibration import CALIBRATION_FILE
+    from reslab.train.checkpoint import load_model
+    from reslab.train.rundir import write_json
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / CALIBRATION_FILE).unlink(missing_ok=True)
+    test = load_data("digits").test
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"d{i}.png")
+        Image.fromarray(test.images[i][..., 0]).save(files[-1])
+    model, card = load_model(run, device=torch.device("cpu"))
+    with torch.no_grad():
+        logits, _ = model_logits(model, card, test.subset(np.arange(6)), device=torch.device("cpu"))
+
+    def probabilities():
+        out = predict(run, files, topk=10, device="cpu", amp="off")
+        return torch.tensor([[dict((t["class"], t["probability"]) for t in r["top"])[c] for c in card["classes"]]
+                             for r in out])
+
+    np.testing.assert_allclose(probabilities(), torch.softmax(logits, 1), atol=1e-5)
+    write_json(run / CALIBRATION_FILE, {"temperature": 2.0, "fitted_on": {"source": "test"},
+                                        "usage": "divide the logits by temperature before the softmax"})
+    tempered = probabilities()
+    np.testing.assert_allclose(tempered, torch.softmax(logits / 2, 1), atol=1e-5)
+    assert (tempered.max(1).values < torch.softmax(logits, 1).max(1).values).all()  # T > 1 softens every answer
+
+
 def test_calibrate_needs_a_fraction_to_carve_when_there_is_no_val_split(tiny_run, tmp_path):
     from reslab.evaluate.calibration import _validation_split
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -263,6 +265,11 @@ def test_non_finite_loss_skip_policy_skips_and_lowers_the_lr(tmp_path):
     summary = train(TrainConfig(**DIGITS, epochs=1, lr=1e6, nan_policy="skip", out=str(tmp_path / "skip")))
     assert summary.status == "finished" and summary.skipped_steps > 0
     assert json.loads((tmp_path / "skip" / "summary.json").read_text())["skipped_steps"] == summary.skipped_steps
+    # The default step schedule without milestones keeps the lr constant: only the halvings lower it. The logged
+    # lr is the one of the epoch's last step, taken before or after the last skip.
+    lr = json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+    n = summary.skipped_steps
+    assert lr < 1e6 and lr in (pytest.approx(1e6 * 0.5 ** n), pytest.approx(1e6 * 0.5 ** (n - 1)))
 
 
 def test_non_finite_loss_through_the_cli(tmp_path, capsys):
@@ -281,6 +288,33 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch, capsys):
         train(TrainConfig(**DIGITS, epochs=1, out=str(tmp_path / "api")))
     _one_line_error(capsys, ["train", "--batch-size", "64", "--image-size", "8", "--no-progress", "--device", "cpu",
                              "--out", str(tmp_path / "cli")], "out of memory", "--batch-size 32")
+
+
+def test_out_of_memory_in_evaluation_suggests_a_smaller_eval_batch(tmp_path, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+
+    monkeypatch.setattr(loop_mod, "evaluate_loader", oom)
+    with pytest.raises(TrainingError, match=r"out of memory during evaluation with --eval-batch-size 512; "
+                                            r"try --eval-batch-size 256"):
+        train(TrainConfig(**DIGITS, epochs=1, out=str(tmp_path / "api")))
+    _one_line_error(capsys, ["train", "--eval-batch-size", "100", "--image-size", "8", "--no-progress",
+                             "--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "cli")],
+                    "out of memory during evaluation", "--eval-batch-size 50")
+
+
+def test_non_finite_loss_checked_per_epoch_still_names_the_first_bad_step(tmp_path, monkeypatch):
+    """On CUDA the stop policy checks the losses at the end of each epoch (no host sync per step); simulated here,
+    the error names the same step as the per-step check of a CPU run."""
+    config = TrainConfig(**DIGITS, epochs=2, lr=1e6)
+    with pytest.raises(TrainingError, match=r"the loss became (nan|inf) at step \d+") as per_step:
+        train(config, out=str(tmp_path / "per-step"))
+    monkeypatch.setattr(loop_mod, "_check_every_step", lambda cfg, device: False)
+    with pytest.raises(TrainingError, match=r"the loss became non-finite at step \d+;.*--nan-policy skip") as deferred:
+        train(config, out=str(tmp_path / "per-epoch"))
+    steps = [re.search(r"at step (\d+)", str(info.value)).group(1) for info in (per_step, deferred)]
+    assert steps[0] == steps[1]
+    assert not (tmp_path / "per-epoch" / "checkpoints").exists()  # the epoch's NaN weights were never saved
 
 
 def test_batch_larger_than_the_data(tmp_path):

@@ -74,6 +74,25 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
     assert set(epochs) == set(range(1, 9)) and epochs == sorted(epochs)
 
 
+def test_resume_from_a_truncated_last_checkpoint_falls_back_and_finishes(tmp_path):
+    """A run whose ``checkpoints/last`` weights were truncated resumes from ``last.prev`` (one epoch earlier),
+    with a warning, redoes that epoch and ends with the step count of the longer schedule."""
+    flags = [f for f in FLAGS]
+    flags[flags.index("--epochs") + 1] = "2"
+    run = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(run)]) == 0  # 2 epochs of 5 steps
+    weights = run / "checkpoints" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"model\.safetensors is corrupt or truncated.*falling back to the previous"):
+        assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 15 and summary["epochs_done"] == 3
+    # Epoch 2 was redone from the epoch-1 checkpoint; every logged step count is that of its epoch.
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 5), (2, 10), (2, 10), (3, 15)]
+    assert json.loads((run / "checkpoints" / "last" / "manifest.json").read_text())["step"] == 15
+
+
 def test_jsonl_log_survives_a_torn_last_line(tmp_path):
     log = JsonlLog(tmp_path / "metrics.jsonl")
     log.append({"epoch": 1, "loss": 0.5})

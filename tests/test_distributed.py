@@ -4,7 +4,8 @@
   statistics are those of the global batch) and leave the same files in the run directory.
 * Elastic restart: a worker killed with SIGKILL makes torchrun (``--max-restarts``) restart the group, which
   continues from the last checkpoint (``--auto-resume``) and finishes.
-* An error stops every rank (no hang) with the message of the failing rank.
+* An error stops every rank (no hang) with the message of the failing rank, also when only one rank fails.
+* Objectives beyond cross-entropy (``--matryoshka``) average their gradients like plain training does.
 """
 from __future__ import annotations
 
@@ -134,6 +135,47 @@ def test_error_on_the_ranks_stops_the_whole_job(tmp_path):
     assert "the loss became" in proc.stderr and "at step" in proc.stderr
 
 
+# Rank 1 alone is given data that does not exist; rank 0 goes on and waits for it in the first collective.
+RANK1_FAILS = """
+import os, sys
+from reslab.cli import main
+argv = sys.argv[1:]
+if os.environ["RANK"] == "1":
+    argv[argv.index("--data") + 1] = {missing!r}
+sys.exit(main(argv))
+"""
+
+
+def test_error_on_one_rank_only_stops_the_whole_job_promptly(tmp_path):
+    """The other rank is not left waiting for the collective timeout: torchrun stops it when rank 1 fails."""
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(RANK1_FAILS.format(missing=str(tmp_path / "no-such-data")))
+    env = {**_env(tmp_path), "RESLAB_DIST_TIMEOUT": "600"}  # the default: a hang would last 10 minutes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "train", *FLAGS, "--out", str(tmp_path / "run")]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert "no-such-data" in proc.stderr and "unknown data spec" in proc.stderr  # the failing rank's message
+    assert "(SIGTERM)" in proc.stderr  # rank 0, still waiting for rank 1, was stopped by torchrun
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to stop"  # process start-up only, far from 600 s
+    assert not (tmp_path / "run" / "checkpoints").exists()  # rank 0 never got to train
+
+
+def test_matryoshka_gradients_are_averaged_across_ranks(tmp_path):
+    """Issue 9: the nested loss used to call the bare network, outside DDP's forward, so gradients were never
+    all-reduced and each rank trained on its half of the batch. Now 2 processes reach the weights of one."""
+    flags = [*FLAGS, "--matryoshka", "8,16,32,64"]
+    single = tmp_path / "one"
+    assert main(["train", *flags, "--out", str(single)]) == 0
+    out = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *flags, "--out", str(out)],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert _max_diff(single, out) < TOLERANCE
+
+
 # ------------------------------------------------------------------------------------------------------------
 # in-process pieces
 
@@ -156,3 +198,27 @@ def test_cpu_sync_batchnorm_outside_a_group_is_batchnorm():
     x = torch.randn(8, 4, 5, 5)
     assert torch.allclose(sync(x), ref(x), atol=1e-6)
     assert torch.allclose(sync[0].running_var, ref.running_var)
+
+
+def test_matryoshka_loss_runs_the_wrapped_forward():
+    """The nested loss calls the wrapper (as DDP wraps the model), asking it for the pooled embedding."""
+    from reslab.models import create_model
+    from reslab.train.objectives import Matryoshka
+
+    class RecordingWrapper(torch.nn.Module):  # DDP-like: the network as ``.module``, work done in forward
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, []
+
+        def forward(self, *args, **kwargs):
+            self.calls.append(kwargs)
+            return self.module(*args, **kwargs)
+
+    torch.manual_seed(0)
+    net = create_model("resnet20", num_classes=10, in_chans=1)
+    wrapped = RecordingWrapper(net)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    loss, logits = Matryoshka([8, 64])(wrapped, x, y)
+    assert wrapped.calls == [{"pre_logits": True}]
+    torch.testing.assert_close(logits, net(x))
+    torch.testing.assert_close(net(x, pre_logits=True), net.forward_head(net.forward_features(x), pre_logits=True))

@@ -5,12 +5,11 @@ Parity: max |logit difference| < 1e-4 between PyTorch and ONNX Runtime on a rand
 exported at a small input (64x64; 75x75 for inception_resnet_v2, whose valid-padded stem needs it) to keep
 the test fast; the graph does not depend on the spatial size. Skipped, with the reason:
 ``TOO_SLOW`` (1000+ layers: exporting alone takes well over a minute on a 2-core CPU). BN statistics are
-estimated on a few batches first, as in a trained net (see the test). Where float32 arithmetic itself is
-further than 1e-4 from the fp64 result (a few random-init deep nets), the bar is 3x that rounding error.
+estimated on the inputs first, as in a trained net (see the test). ``FP32_ROUNDING`` lists the few models
+whose float32 arithmetic alone is further than 1e-4 from the fp64 result; each has its own hard cap.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -28,9 +27,19 @@ SMALL_SIDE = {"inception_resnet_v2": 75}  # smallest input its valid-padded stem
 TOO_SLOW = {"resnet1202": "1202 layers: export > 1 min on 2 cores",
             "preact_resnet1001": "1001 layers: export > 1 min on 2 cores"}
 # Deeper/wider repeats of blocks already covered by a smaller sibling, 15-30 s each on 2 cores; run them
-# with RESLAB_EXPORT_ALL=1 (all passed on 2026-11-25).
+# with RESLAB_EXPORT_ALL=1 (all passed on 2026-12-01).
 SLOW = {"resnet101": "resnet50", "resnet152": "resnet50", "wide_resnet50_2": "resnet50",
         "wrn28_10": "wrn16_4", "resnext29_8x64d": "resnext50_32x4d"}
+# The only exceptions to the 1e-4 bar: random-init bottleneck ImageNet nets at 64x64, where PyTorch fp32 itself is
+# 6e-5 to 9e-4 (resnet152) from an fp64 forward pass and ONNX Runtime about as far from PyTorch. The error is
+# rounding, not chaos: each bottleneck block adds ~3e-6 relative error to the residual stream (sums of up to
+# 4,608 products), over 16-50 blocks. Cap: max |logit diff| < cap * max |logit|, ~3x the relative diff
+# measured on 2026-12-01 (in the comment); an export bug moves logits by a sizeable fraction of their scale.
+FP32_ROUNDING = {"resnet50": 1e-4,  # 3.2e-5
+                 "resnext50_32x4d": 1e-4,  # 3.7e-5
+                 "wide_resnet50_2": 1e-4,  # 3.6e-5
+                 "resnet101": 5e-4,  # 1.4e-4
+                 "resnet152": 1.5e-3}  # 5.1e-4
 
 
 def _real_batch(channels: int, side: int, n: int = 2) -> torch.Tensor:
@@ -56,19 +65,29 @@ def test_onnx_parity_over_registry(name, tmp_path):
     torch.manual_seed(0)
     model = create_model(name)
     side = _side(name)
-    # BN statistics from data, as in a trained net: a random-init deep pre-activation net otherwise has
-    # logits of ~1e4 in eval mode, where float32 rounding alone exceeds an absolute 1e-4.
-    recalibrate_batchnorm(model, [torch.randn(8, 3, side, side), _real_batch(3, side, 8)])
+    if name.startswith("plain"):
+        # Random-init nets without shortcuts are chaotic with depth: each BN-ReLU layer amplifies a perturbation
+        # ~1.2x (Yang et al. 2019, "A Mean Field Theory of Batch Normalization"), so a 1e-7 change of plain110's
+        # input moves its logits by ~30 % of their scale, even in fp64, and no two fp32 implementations can
+        # agree to 1e-4 (measured: 1e-2). BN shifts of 1 keep most ReLUs in their linear part, which puts the
+        # net near the edge of chaos; its logits still depend on the input, and plain110 then agrees to 3e-6.
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.bias.fill_(1.0)
+    # BN statistics from data, as in a trained net (a random-init deep pre-activation net otherwise has logits
+    # of ~1e4 in eval mode), from ONE batch holding both kinds of input tested: averaging the statistics of a
+    # random and a real batch fits neither, and eval-mode activations then grow with depth.
+    recalibrate_batchnorm(model, [torch.cat([torch.randn(8, 3, side, side), _real_batch(3, side, 8)])])
     card = export_model(model, "onnx", tmp_path, dynamic_batch=True, input_size=(3, side, side), check=False)
     inputs = [torch.randn(2, 3, side, side), _real_batch(3, side)]
     diff = max_abs_diff(model, card["path"], inputs)
-    # The bar is 1e-4, or float32's own rounding error on this net if larger: for some random-init deep nets
-    # (plain56, resnet50 at 64x64) PyTorch fp32 itself is ~1e-4 away from fp64, and ONNX Runtime is as close
-    # to the fp64 result as PyTorch is.
-    model64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        fp32_noise = max(float((model(x).double() - model64(x.double())).abs().max()) for x in inputs)
-    assert diff < max(TOLERANCE, 3 * fp32_noise), f"{name}: max |logit diff| {diff:.2e} (fp32 noise {fp32_noise:.1e})"
+    if name in FP32_ROUNDING:
+        with torch.no_grad():
+            scale = max(float(model(x).abs().max()) for x in inputs)
+        assert diff < FP32_ROUNDING[name] * scale, f"{name}: max |logit diff| {diff:.2e}, max |logit| {scale:.3g}"
+    else:
+        assert diff < TOLERANCE, f"{name}: max |logit diff| {diff:.2e}"
 
 
 def test_torchscript_loads_and_matches(tmp_path):

@@ -132,9 +132,17 @@ def test_prune_cli_curve(digits_run, tmp_path, capsys):
     code = main(["prune", str(digits_run), "--target-macs", "0.7,0.4", "--calibration-images", "64",
                  "--out", str(tmp_path / "c")])
     assert code == 0
-    assert "target 0.40" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     curve = json.loads((tmp_path / "c" / "prune-curve.json").read_text())
-    assert [p["target_macs"] for p in curve["points"]] == [0.7, 0.4]
-    assert all(p["speedup"] > 0 for p in curve["points"])
-    assert (tmp_path / "c" / "prune-curve.png").stat().st_size > 1000
+    base, points = curve["baseline"], curve["points"]
+    assert [p["target_macs"] for p in points] == [0.7, 0.4]
+    for p in points:  # each budget met closely, by a smaller net, with its own run folder
+        assert p["macs_before"] == base["macs"] and p["params_before"] == base["params"]
+        assert p["target_macs"] - 0.03 <= p["macs_fraction"] <= p["target_macs"] * 1.0001
+        assert p["macs_after"] == pytest.approx(p["macs_fraction"] * base["macs"])
+        assert p["speedup"] == pytest.approx(p["images_per_s"] / base["images_per_s"])
+        assert (tmp_path / "c" / f"macs-{p['target_macs']:.2f}" / "prune.json").is_file()
+        assert f"target {p['target_macs']:.2f}: {p['macs_after'] / 1e6:.2f} M MACs" in printed
+    assert base["params"] > points[0]["params_after"] > points[1]["params_after"]  # smaller budget, fewer params
+    assert (tmp_path / "c" / "prune-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["prune", str(digits_run), "--target-macs", "1.5"]) == 2

@@ -63,4 +63,6 @@ def test_short_budget_keeps_the_schedule_shape():
     runs = run_configs([56], plain=True, budget=BUDGETS["short"], seeds=1, data="d", out=Path("/x"))
     for _, _, cfg in runs:
         assert cfg.milestones == [cfg.iterations // 2, cfg.iterations * 3 // 4]
+        # the paper's recipe otherwise; a stratified subset keeps the CPU budget
+        assert cfg.batch_size == 128 and cfg.lr == 0.1 and cfg.train_fraction == BUDGETS["short"].train_fraction
     assert [n for n, _, _ in runs] == ["plain56", "resnet56"]

@@ -32,16 +32,26 @@ def test_the_suite_has_the_15_corruptions_of_the_paper():
                                  "elastic_transform", "pixelate", "jpeg_compression"]
 
 
+# Corruptions that add energy (noise, flakes, frost) may leave [0, 1] and rely on the final clip, as in the
+# paper's code; every other one mixes, resamples or rescales pixel values and must stay in range by itself.
+ADDITIVE = {"gaussian_noise", "shot_noise", "snow", "frost"}
+
+
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_corruption_is_deterministic_shape_preserving_and_monotone(name):
+def test_corruption_is_deterministic_in_range_and_monotone(name):
     images = _natural_images(3, 32)
     distances = []
     for s in SEVERITIES:
         out = corrupt(images, name, s, seed=7)
-        assert out.shape == images.shape and out.dtype == np.uint8  # uint8 is the [0, 255] range
+        assert out.shape == images.shape
         np.testing.assert_array_equal(out, corrupt(images, name, s, seed=7))
         distances.append(float(np.abs(out.astype(float) - images).mean()))
-    assert distances[0] > 0
+        for i, image in enumerate(images):  # the float result, before corrupt() clips and casts it
+            raw = np.asarray(CORRUPTIONS[name](image.astype(np.float32) / 255, s, np.random.default_rng(i)))
+            assert raw.shape == image.shape and np.isfinite(raw).all()
+            outside = float(((raw < -1e-6) | (raw > 1 + 1e-6)).mean())
+            assert outside < (0.05 if name in ADDITIVE else 1e-9), (s, outside)  # the clip rarely decides the image
+    assert 0 < distances[0] < 255 / 8, distances  # severity 1 is mild: it changes pixels by under 1/8 of the range
     assert all(b >= a for a, b in zip(distances, distances[1:])), distances
     assert distances[-1] > distances[0]
     if name not in ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"):
@@ -81,15 +91,22 @@ def test_robustness_command_with_a_baseline(tmp_path):
     from reslab.train import train
     from reslab.train.config import TrainConfig
 
-    run = tmp_path / "run"
+    run, baseline = tmp_path / "run", tmp_path / "baseline"
     train(TrainConfig(model="resnet20", data="digits", epochs=1, batch_size=64, lr=0.05,
                       model_kwargs={"width": 0.25}, progress=False, out=str(run), amp="off"))
-    assert main(["robustness", str(run), "--baseline", str(run), "--limit", "40",
+    # a weaker baseline (another architecture, a tenth of the data): its errors are not the run's
+    train(TrainConfig(model="plain20", data="digits", epochs=1, batch_size=64, lr=0.05, train_fraction=0.1,
+                      model_kwargs={"width": 0.25}, progress=False, out=str(baseline), amp="off"))
+    assert main(["robustness", str(run), "--baseline", str(baseline), "--limit", "40",
                  "--corruptions", "gaussian_noise,fog", "--severities", "1,5", "--device", "cpu"]) == 0
     import json
 
     r = json.loads((run / "analysis" / "robustness.json").read_text())
     assert r["images"] == 40 and set(r["errors"]) == {"gaussian_noise", "fog"}
-    assert r["mce"] == pytest.approx(100.0)  # a model is its own baseline
+    base = r["baseline"]["errors"]
+    assert r["errors"] != base
+    ce = {c: 100 * sum(r["errors"][c]) / sum(base[c]) for c in r["errors"]}  # Hendrycks & Dietterich 2019, §3
+    assert r["ce"] == pytest.approx(ce) and r["mce"] == pytest.approx(np.mean(list(ce.values())))
+    assert r["mce"] != pytest.approx(100.0)
     assert (run / "analysis" / "robustness.png").is_file()
     assert (run / "analysis" / "corruption_examples.png").is_file()

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from reslab.evaluate.saliency import gradcam, lrp, lrp_network, saliency_maps
+from reslab.models import create_model
 from reslab.models.blocks import BasicBlock, Bottleneck
 from reslab.models.resnet import ResNet
 from reslab.models.resnet_cifar import CifarResNet
@@ -61,6 +62,76 @@ def test_lrp_conserves_relevance_with_zero_biases(name, rule):
     torch.testing.assert_close(relevance.sum((1, 2, 3)), logit, rtol=2e-3, atol=1e-5)
 
 
+# Every other registry family, small: (builder kwargs, input size). SimpleNet pools five times (needs 32x32).
+REGISTRY_NETS = {
+    "preact_resnet20": ({}, 16),
+    "preact_resnet164": ({}, 8),  # pre-activation bottlenecks
+    "preact_resnet18": ({}, 32),  # ImageNet layout: bare 7x7 conv + max pool stem
+    "wrn16_4": ({"dropout": 0.3}, 8),
+    "resnext29_8x64d": ({}, 8),
+    "mobilenet_v2_cifar": ({"width_mult": 0.25}, 16),
+    "simplenet": ({}, 32),
+    "inception_resnet_cifar": ({"depths": (1, 1, 1)}, 16),
+}
+
+
+def _registry_net(name: str, zero_bias: bool) -> nn.Module:
+    """A registry model in eval mode with BN statistics calibrated on one train-mode batch (so activations
+    keep their scale however deep the net), random gamma and beta, a random classifier; ``zero_bias``: BN
+    means and shifts and every bias zeroed, so the folded biases are exactly zero."""
+    kwargs, size = REGISTRY_NETS[name]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, **kwargs)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one batch sets the statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, size, size))
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+            if zero_bias:
+                m.running_mean.zero_()
+                m.bias.data.zero_()
+        if isinstance(m, nn.Linear):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None and zero_bias:
+            m.bias.data.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(REGISTRY_NETS))
+def test_lrp_network_reproduces_registry_models(name):
+    model = _registry_net(name, zero_bias=False)
+    size = REGISTRY_NETS[name][1]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        # float32 rounding of the folded layers grows with depth (164 layers): tolerance on the logit scale
+        torch.testing.assert_close(lrp_network(model).forward(x), expected, rtol=1e-3,
+                                   atol=1e-4 * float(expected.abs().max()))
+
+
+# alpha=2, beta=1 compounds layer after layer, so the stabiliser must be tiny too for the sum to be conserved.
+# In MobileNetV2 (~50 conv layers, a signed linear-bottleneck stream) the relevances' absolute sum reaches ~10^4 x
+# the logit and float32 rounding alone leaves ~1 % (in float64 with epsilon 1e-12 it is conserved to 1e-5).
+@pytest.mark.parametrize("name", list(REGISTRY_NETS))
+@pytest.mark.parametrize("rule", [dict(rule="epsilon", epsilon=1e-9),
+                                  dict(rule="alphabeta", alpha=2.0, beta=1.0, epsilon=1e-9)])
+def test_lrp_conserves_relevance_in_registry_models(name, rule):
+    model = _registry_net(name, zero_bias=True)
+    size = REGISTRY_NETS[name][1]
+    x = torch.randn(2, 3, size, size)
+    relevance, logit = lrp(model, x, **rule)
+    assert relevance.shape == x.shape
+    assert logit.abs().min() > 1e-4
+    rtol = 2e-2 if name == "mobilenet_v2_cifar" and rule["rule"] == "alphabeta" else 2e-3
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logit, rtol=rtol, atol=1e-5)
+
+
 def test_lrp_bias_absorbs_relevance_when_biases_are_nonzero():
     torch.manual_seed(0)
     model = _randomise_bn(NETS["cifar-B"](), zero_bias=False)
@@ -73,8 +144,14 @@ def test_lrp_rejects_unsupported_architectures():
         def forward(self, x):
             return x
 
-    with pytest.raises(NotImplementedError, match="CifarResNet"):
+    with pytest.raises(NotImplementedError, match="CifarResNet.*gradcam"):
         lrp(Other(), torch.zeros(1, 3, 8, 8))
+    odd = create_model("preact_resnet20", num_classes=3)
+    odd.final_norm[1] = nn.GELU()  # a module with no LRP rule
+    with pytest.raises(NotImplementedError, match="GELU.*preact_resnet20.*gradcam"):
+        lrp(odd.eval(), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="eval mode"):
+        lrp(create_model("simplenet", num_classes=3).train(), torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="alpha - beta"):
         lrp(NETS["cifar-A"]().eval(), torch.zeros(1, 3, 8, 8), rule="alphabeta", alpha=1.0, beta=1.0)
 

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import struct
 import warnings
 import zlib
@@ -104,6 +105,31 @@ def test_predict_matches_reslab_predict(client, run, digits, tmp_path):
         assert [t["class"] for t in got] == [t["class"] for t in want["top"]]
         np.testing.assert_allclose([t["probability"] for t in got], [t["probability"] for t in want["top"]],
                                    atol=1e-5)
+
+
+def test_stored_temperature_is_applied_like_reslab_predict(run, png, tmp_path):
+    """A calibrated run (RUN/calibration.json, T = 2) is served with softmax(logits / T), as `reslab predict` does."""
+    import shutil
+
+    from reslab.evaluate import predict
+    from reslab.evaluate.calibration import CALIBRATION_FILE
+    from reslab.train.rundir import write_json
+
+    calibrated = tmp_path / "run"
+    shutil.copytree(run, calibrated)
+    write_json(calibrated / CALIBRATION_FILE, {"temperature": 2.0, "fitted_on": {"source": "test"},
+                                               "usage": "divide the logits by temperature before the softmax"})
+    (tmp_path / "d.png").write_bytes(png)
+    want = predict(calibrated, [tmp_path / "d.png"], topk=10, device="cpu", amp="off")[0]["top"]
+    plain = predict(run, [tmp_path / "d.png"], topk=10, device="cpu", amp="off")[0]["top"]
+    assert want[0]["probability"] < plain[0]["probability"]  # the temperature did change the answer
+    with TestClient(create_app(calibrated, amp="off", device="cpu")) as c:
+        assert c.get("/model").json()["temperature"] == 2.0
+        got = c.post("/predict?topk=10", **upload(png)).json()["top"]
+        cam = c.post("/saliency", **upload(png)).json()
+    assert [t["class"] for t in got] == [t["class"] for t in want]
+    np.testing.assert_allclose([t["probability"] for t in got], [t["probability"] for t in want], atol=1e-5)
+    assert cam["target"]["probability"] == pytest.approx(want[0]["probability"], abs=1e-5)
 
 
 def test_predict_topk_default_clip_and_raw_body(client, png):
@@ -276,6 +302,47 @@ def test_create_app_validates_options(run):
         create_app(run, max_batch=0)
     with pytest.raises(ValueError, match="max-wait-ms"):
         create_app(run, max_wait_ms=-1)
+    with pytest.raises(ValueError, match="body-timeout-s"):
+        create_app(run, body_timeout_s=0)
+
+
+def test_stalled_body_gets_408_and_the_server_goes_on(run, png):
+    """Over real HTTP (uvicorn on 127.0.0.1): a client that sends half its body and stalls is answered 408 once
+    ``body_timeout_s`` has passed, and the server keeps answering others."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    app = create_app(run, amp="off", device="cpu", body_timeout_s=0.5)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(png) + png[: len(png) // 2])
+            t0 = time.monotonic()
+            reply = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                reply += chunk
+            waited = time.monotonic() - t0
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), reply
+        assert "did not arrive within 0.5 s" in json.loads(body)["detail"]
+        assert 0.4 < waited < 10
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert c.post("/predict", **upload(png)).status_code == 200
+            assert c.get("/health").json()["requests"]["rejected_408"] == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_decode_upload_applies_stored_preprocessing(digits, tmp_path):
@@ -392,6 +459,32 @@ def test_health_stays_responsive_during_inference(run, digits):
     assert health.status_code == 200 and elapsed < 2 and r.status_code == 200
 
 
+def test_load_test_benchmark_smoke(run, tmp_path):
+    """benchmarks/load_test.py, as documented but tiny: it starts a server on 127.0.0.1, sends 20 requests from 4
+    clients and reports no errors, every image counted by the server and the served top-1 of those 20 images."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    out = tmp_path / "load.json"
+    assert load_test.main([str(run), "--requests", "20", "--concurrency", "4", "--device", "cpu",
+                           "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["runs"][0]
+    assert r["transport"] == "HTTP (uvicorn)" and (r["requests"], r["concurrency"], r["errors"]) == (20, 4, 0)
+    assert 1 <= r["forward_passes"] <= 20 and r["mean_batch_size"] == round(20 / r["forward_passes"], 2)
+    assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] <= r["latency_ms"]["max"]
+    images, labels = load_test.test_images(str(run), limit=20)  # the 20 images sent (after 20 for warm-up)
+    runner = create_app(run, device="cpu").state.runner
+    expected = np.mean([runner.classes[int(p.argmax())] == label
+                        for p, label in zip(runner.probabilities([decode_upload(
+                            d, size=runner.stored_size, channels=runner.channels, max_pixels=10**6)
+                            for d in images]), labels)])
+    assert abs(r["served_top1"] - expected) <= 0.05  # at most one near-tie decided otherwise in another batch
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -407,7 +500,8 @@ def test_serve_command_flags(monkeypatch, run):
     seen = {}
     monkeypatch.setattr(serve_module, "serve", lambda run, host, port, **kw: seen.update(run=run, port=port, **kw))
     args = parser.parse_args(["serve", str(run), "--port", "9001", "--max-batch", "4", "--max-wait-ms", "2",
-                              "--max-upload-mb", "1", "--max-pixels", "1000"])
+                              "--max-upload-mb", "1", "--max-pixels", "1000", "--body-timeout-s", "7"])
     assert args.func(args) == 0
     assert seen["port"] == 9001 and seen["max_batch"] == 4 and seen["max_wait_ms"] == 2.0
     assert seen["max_upload_bytes"] == 1024 * 1024 and seen["max_pixels"] == 1000
+    assert seen["body_timeout_s"] == 7.0 and parser.parse_args(["serve", str(run)]).body_timeout_s == 30.0

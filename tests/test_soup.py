@@ -92,6 +92,35 @@ def test_soup_command_end_to_end(two_runs, tmp_path, capsys):
     assert card["soup"]["kind"] == "uniform"
 
 
+def test_greedy_soup_rejects_a_ruined_ingredient(two_runs, tmp_path):
+    """Recipe 1 leaves out an ingredient that lowers held-out accuracy: here a copy of run a whose weights (not
+    its BN statistics) were drowned in noise, 3x each tensor's spread; the uniform soup, which takes it, is worse."""
+    import shutil
+
+    from reslab.train.checkpoint import load_checkpoint, save_checkpoint
+    from reslab.transfer.soup import soup
+
+    ruined = tmp_path / "ruined"
+    shutil.copytree(two_runs[0], ruined)
+    gen = torch.Generator().manual_seed(0)
+    for name in ("best", "last"):
+        folder = ruined / "checkpoints" / name
+        ckpt = load_checkpoint(folder, load_train_state=False)
+        state = {k: v + 3 * v.std() * torch.randn(v.shape, generator=gen)
+                 if v.dtype.is_floating_point and v.numel() > 1 and "running" not in k else v
+                 for k, v in ckpt.model_state.items()}
+        manifest = {k: v for k, v in ckpt.manifest.items() if k not in ("files", "format_version")}
+        shutil.rmtree(folder)
+        save_checkpoint(folder, model_state=state, manifest=manifest)
+    r = soup([*two_runs, ruined], greedy=True, out=tmp_path / "soup")
+    accuracy = {i["run"]: i["val_top1"] for i in r["ingredients"]}
+    assert accuracy[str(ruined)] < 0.15  # near chance (10 %): really ruined
+    assert accuracy[str(ruined)] < min(accuracy[str(run)] for run in two_runs)
+    assert str(ruined) not in r["greedy"]["runs"]
+    assert r["greedy"]["val_top1"] >= r["best_ingredient"]["val_top1"] > r["uniform"]["val_top1"]
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["greedy"]["runs"] == r["greedy"]["runs"]
+
+
 def test_soup_needs_held_out_data_and_two_runs(two_runs, tmp_path, capsys):
     import shutil
 

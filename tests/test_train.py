@@ -193,6 +193,39 @@ def test_distillation_from_teacher_run(tmp_path):
     assert s.status == "finished"
 
 
+def test_distillation_loss_follows_hinton():
+    """Hinton et al. 2015, §2: (1 - a) CE + a T^2 KL(p_teacher^T || p_student^T), checked against the definitions."""
+    import torch.nn.functional as F
+
+    from reslab.train.objectives import Distillation
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 12), torch.randint(0, 6, (16,))
+    teacher, student = torch.nn.Linear(12, 6), torch.nn.Linear(12, 6)
+    with torch.no_grad():
+        t_logits, s_logits = teacher(x), student(x)
+
+    # a student that equals its teacher has no soft-target loss
+    copy = torch.nn.Linear(12, 6)
+    copy.load_state_dict(teacher.state_dict())
+    loss, _ = Distillation(teacher, temperature=4.0, alpha=1.0)(copy, x, y)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # weight 0 is plain cross-entropy on the labels, whatever the teacher says
+    loss, _ = Distillation(teacher, temperature=4.0, alpha=0.0)(student, x, y)
+    assert loss.item() == pytest.approx(F.cross_entropy(s_logits, y).item(), rel=1e-6)
+    # the soft term is T^2 times the KL divergence sum_i p_i log(p_i / q_i), averaged over the batch
+    for t in (1.0, 3.0):
+        p, q = torch.softmax(t_logits.double() / t, 1), torch.softmax(s_logits.double() / t, 1)
+        kl = (p * (p / q).log()).sum(1).mean().item()
+        loss, _ = Distillation(teacher, temperature=t, alpha=1.0)(student, x, y)
+        assert loss.item() == pytest.approx(t ** 2 * kl, rel=1e-4)
+    # the T^2 factor keeps the soft term O(1) as T grows: T^2 KL -> Var_i(v_i - z_i) / 2 (uniform over classes),
+    # where an unscaled KL would vanish like 1 / T^2
+    limit = 0.5 * (t_logits - s_logits).double().var(1, unbiased=False).mean().item()
+    loss, _ = Distillation(teacher, temperature=200.0, alpha=1.0)(student, x, y)
+    assert loss.item() == pytest.approx(limit, rel=0.02)
+
+
 def test_train_fraction_uses_nested_subsets(tmp_path):
     from reslab.data import load_data
     from reslab.data.sources import stratified_split
@@ -230,7 +263,87 @@ def test_guidance_hooks_hold_nothing_outside_the_objective():
     assert target.conv1.weight.grad is not None and guide.conv1.weight.grad is None
     with torch.no_grad():
         target(x)  # an evaluation pass
-    assert objective.target_stages.outputs == [] and objective.guide_stages.outputs == []
+    assert objective.target_layers.outputs == [] and objective.guide_layers.outputs == []
+
+
+@pytest.mark.parametrize("layers, pairs", [("stages", 3), ("blocks", 27)])
+def test_guidance_aligns_stages_or_every_block(layers, pairs):
+    """plain56 guided by resnet56: 3 stage pairs or 27 residual-block pairs, each CKA differentiable."""
+    from reslab.models import create_model
+    from reslab.train.objectives import Guidance
+
+    torch.manual_seed(0)
+    target, guide = create_model("plain56"), create_model("resnet56")
+    objective = Guidance(target, guide, weight=1.0, layers=layers)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    logits, cka = objective.alignments(target, x)
+    assert objective.pairs == pairs and len(cka) == pairs and logits.shape == (8, 10)
+    assert all(0 <= c.item() <= 1 + 1e-5 for c in cka)
+    first = target.layer1[0].conv1.weight
+    (grad,) = torch.autograd.grad(sum(1 - c for c in cka), first)  # the alignment term alone reaches block 1
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    loss, _ = objective(target, x, y)
+    assert loss.requires_grad and torch.isfinite(loss)
+
+
+def test_guidance_blocks_pair_layers_of_the_same_depth():
+    """A guide identical to the target aligns perfectly block by block (CKA 1 at every pair); a shallower target
+    is aligned with the guide's last blocks."""
+    import copy
+
+    from reslab.models import create_model
+    from reslab.train.objectives import Guidance
+
+    torch.manual_seed(0)
+    target = create_model("resnet20").eval()
+    x = torch.randn(8, 3, 16, 16)
+    _, cka = Guidance(target, copy.deepcopy(target), weight=1.0, layers="blocks").alignments(target, x)
+    assert len(cka) == 9 and all(c.item() == pytest.approx(1.0, abs=1e-4) for c in cka)
+    assert Guidance(target, create_model("resnet56"), weight=1.0, layers="blocks").pairs == 9
+    with pytest.raises(ValueError, match="no residual blocks"):
+        Guidance(target, create_model("simplenet"), weight=1.0, layers="blocks")
+
+
+def test_guide_layers_flag_reaches_the_objective():
+    from reslab.models import create_model
+    from reslab.train.objectives import build_objective
+
+    cfg = resolve_config({"model": "plain20", "guide": "resnet20", "guide_layers": "blocks"})
+    objective = build_objective(cfg, create_model("plain20"), num_classes=10, in_chans=3, device="cpu")
+    assert objective.pairs == 9
+    with pytest.raises(ConfigError, match="guide-layers"):
+        resolve_config({"guide": "resnet20", "guide_layers": "layers"})
+
+
+def test_scheduled_drop_path_rises_from_zero_to_the_configured_rates():
+    """ScheduledDropPath (Zoph et al. 2018, §4.1): the loop scales every block's rate by step / total_steps."""
+    from reslab.models import create_model
+    from reslab.train.objectives import set_drop_path_scale
+
+    model = create_model("resnet20", drop_path_rate=0.4)
+    configured = [m.drop_path.p for m in model.modules() if hasattr(m, "drop_path")]
+    assert max(configured) == pytest.approx(0.4)
+    total = 200
+    for step, fraction in ((0, 0.0), (100, 0.5), (total, 1.0), (100, 0.5)):  # rates never compound
+        set_drop_path_scale(model, step / total)
+        rates = [m.drop_path.p for m in model.modules() if hasattr(m, "drop_path")]
+        assert rates == pytest.approx([fraction * r for r in configured]), step
+
+
+@pytest.mark.parametrize("step", [0, 100])
+def test_gradient_noise_has_the_annealed_variance(step):
+    """Neelakantan et al. 2015, Eq. 1: on zero gradients the added noise has mean 0, variance eta / (1 + t)^gamma."""
+    from reslab.train.objectives import add_gradient_noise
+
+    model = torch.nn.Linear(1000, 1000)  # ~1M gradient entries: the variance estimate is within ~0.3%
+    model.frozen = frozen = torch.nn.Linear(3, 3)  # no gradient
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    eta, gamma = 0.3, 0.55
+    add_gradient_noise(model, step, eta, gamma, generator=torch.Generator().manual_seed(0))
+    noise = torch.cat([model.weight.grad.flatten(), model.bias.grad])
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.003)
+    assert noise.var().item() == pytest.approx(eta / (1 + step) ** gamma, rel=0.02)
+    assert frozen.weight.grad is None  # parameters without a gradient are left alone
 
 
 def test_drop_path_on_a_plain_net_is_an_error(tmp_path):

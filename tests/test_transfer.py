@@ -1,5 +1,4 @@
 """Transfer: features, linear probe and kNN, fine-tuning, and the Matryoshka evaluation, on tiny generated data."""
-import dataclasses
 import json
 
 import numpy as np
@@ -15,9 +14,6 @@ from reslab.transfer.retrieval import map_at_k
 
 FAST = dict(model="resnet20", data="digits", image_size=16, batch_size=64, progress=False, flip=False,
             crop_padding=2, amp="off", lr=0.1, schedule="cosine")
-HAS_FINETUNE_FIELDS = "init_from" in {f.name for f in dataclasses.fields(TrainConfig)}
-needs_train_patch = pytest.mark.skipif(not HAS_FINETUNE_FIELDS,
-                                       reason="TrainConfig lacks init_from/freeze/backbone_lr_mult")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +157,6 @@ def test_freeze_and_initial_weights_units(digits_run):
                              in_chans=1, classes=["a"])
 
 
-@needs_train_patch
 def test_finetune_to_new_classes(glyph_sets, tmp_path, capsys):
     source, target = glyph_sets
     src = tmp_path / "src"
@@ -181,7 +176,6 @@ def test_finetune_to_new_classes(glyph_sets, tmp_path, capsys):
     assert main(["eval", str(out)]) == 0  # an ordinary run for the other commands
 
 
-@needs_train_patch
 def test_discriminative_learning_rates():
     from reslab.models import create_model
     from reslab.train.engine import build_optimizer, set_lr
@@ -205,7 +199,6 @@ def test_finetune_needs_a_start():
         finetune_config(None, "digits", weights="x.pth")
 
 
-@needs_train_patch
 def test_finetune_from_torchvision_weights(glyph_sets, tmp_path):
     import torchvision
 

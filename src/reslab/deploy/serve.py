@@ -21,13 +21,16 @@ pass are batched into the next one, so throughput grows with concurrency while a
 
 Preprocessing is exactly ``reslab predict``'s: ``reslab.data.sources.decode_image`` (resize the shorter side,
 centre-crop to the stored size, convert to the stored channels) then ``reslab.evaluate.evaluate.model_loader``
-(normalise, resize to the input size).
+(normalise, resize to the input size). As there, the logits are divided by the temperature ``reslab calibrate``
+stored with the run (``RUN/calibration.json``; temperature scaling, Guo et al. 2017, §4.2) before the softmax.
 
 Input limits (each answered with a 4xx, never a 500 or a hang): request body size (``max_upload_bytes``;
 413 before the body is read when ``Content-Length`` says so, or as soon as a streamed body passes it), pixel
 count from the image header before any pixel is decoded (``max_pixels``; decompression bombs, 413), content
 sniffed from the first bytes (JPEG, PNG, BMP, GIF, WebP, TIFF; anything else 415, whatever the file name says),
 undecodable or truncated images (400), missing field / empty upload (400/422) and bad ``topk`` / ``target`` (422).
+A body that has not fully arrived ``body_timeout_s`` after the request came in (stalled or trickling uploads)
+gets a 408 and the connection is closed, so it cannot hold a request open forever.
 """
 from __future__ import annotations
 
@@ -56,7 +59,11 @@ from starlette.formparsers import MultiPartException
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-from reslab.deploy.serve_command import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402,F401
+from reslab.deploy.serve_command import (  # noqa: E402,F401
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file in a multipart body
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 UPLOAD_FIELDS = ("file", "image")  # multipart field names taken as the image
@@ -183,6 +190,7 @@ class ModelRunner:
     """A loaded run plus the two computations the server needs; not thread-safe (use one inference thread)."""
 
     def __init__(self, run: str | Path, *, device: str = "auto", amp: str = "auto"):
+        from reslab.evaluate.calibration import stored_temperature
         from reslab.train.checkpoint import find_checkpoint, load_model
         from reslab.train.engine import autocast_dtype, select_device
 
@@ -190,6 +198,7 @@ class ModelRunner:
         self.device = select_device(device)
         self.checkpoint = find_checkpoint(run)
         self.model, self.card = load_model(run, device=self.device)
+        self.temperature = stored_temperature(run)  # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one
         self.amp_dtype = autocast_dtype(self.device, amp)
         prep = self.card["preprocessing"]
         self.classes: list[str] = list(self.card["classes"])
@@ -206,12 +215,12 @@ class ModelRunner:
         return x
 
     def probabilities(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Softmax probabilities (N, num_classes) on the CPU for decoded images, in one forward pass."""
+        """Softmax probabilities of ``logits / temperature`` (N, num_classes) on the CPU, in one forward pass."""
         with torch.inference_mode():
             x = self._batch(images)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu()
+            return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
 
     def grad_cam(self, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int, torch.Tensor]:
         """Grad-CAM of one decoded image for class ``target`` (default: the top-1), in full precision.
@@ -239,7 +248,7 @@ class ModelRunner:
             cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
             peak = float(cam.max())
             cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-            probs = torch.softmax(logits.detach().float()[0], dim=0).cpu()
+            probs = torch.softmax(logits.detach().float()[0] / self.temperature, dim=0).cpu()
         return cam.float().cpu().numpy(), target, probs
 
 
@@ -375,35 +384,55 @@ class MicroBatcher:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Body-size limit (ASGI middleware)
+# Body size and read-time limits (ASGI middleware)
 # ---------------------------------------------------------------------------------------------------------
 class _BodyTooLarge(Exception):
     pass
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413: at once when ``Content-Length`` says so, otherwise as
-    soon as the streamed body passes the limit, so an endless upload is cut off rather than buffered."""
+class _BodyTimedOut(Exception):
+    pass
 
-    def __init__(self, app, max_bytes: int, message: str, on_refuse=None):
+
+class BodyLimits:
+    """Refuse request bodies over ``max_bytes`` with 413: at once when ``Content-Length`` says so, otherwise as
+    soon as the streamed body passes the limit, so an endless upload is cut off rather than buffered. Refuse
+    bodies not complete ``timeout_s`` after the request came in with 408 (uvicorn itself waits forever for the
+    rest of a stalled body); waiting for a disconnect after the body is not timed."""
+
+    def __init__(self, app, max_bytes: int, message: str, timeout_s: float, on_refuse=None):
         self.app, self.max_bytes, self.message, self.on_refuse = app, max_bytes, message, on_refuse
+        self.timeout_s = timeout_s
+        self.timeout_message = (f"the request body did not arrive within {timeout_s:g} s; send the whole image "
+                                "in one request, without pausing")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(send, 413, self.message)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         received = 0
+        body_done = False
         started = False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise _BodyTimedOut from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise _BodyTooLarge
+                body_done = not message.get("more_body", False)
+            else:  # http.disconnect
+                body_done = True
             return message
 
         async def tracking_send(message):
@@ -414,16 +443,19 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, _BodyTimedOut) as e:
             if started:
                 raise
-            await self._refuse(send)
+            if isinstance(e, _BodyTooLarge):
+                await self._refuse(send, 413, self.message)
+            else:
+                await self._refuse(send, 408, self.timeout_message)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, send, status: int, message: str) -> None:
         if self.on_refuse is not None:
-            self.on_refuse()
-        body = json.dumps({"detail": self.message}).encode()
-        await send({"type": "http.response.start", "status": 413,
+            self.on_refuse(status)
+        body = json.dumps({"detail": message}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
@@ -434,11 +466,12 @@ class BodySizeLimit:
 # ---------------------------------------------------------------------------------------------------------
 def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
                amp: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
+               max_pixels: int = DEFAULT_MAX_PIXELS, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
     """A FastAPI app serving the best checkpoint of ``run`` (a run directory or checkpoint folder).
 
     ``max_batch``/``max_wait_ms``: micro-batching (1 / 0 disables it); ``max_upload_bytes``: largest image file;
     ``max_pixels``: largest width x height accepted (checked from the header before decoding);
+    ``body_timeout_s``: time a request body may take to arrive (408 after it);
     ``device``/``amp`` as in ``reslab predict`` (CPU with native bf16: bf16 autocast unless ``amp="off"``).
     """
     if int(max_batch) < 1:
@@ -447,6 +480,8 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
         raise ValueError(f"--max-wait-ms must be between 0 and 10000, got {max_wait_ms}")
     if int(max_upload_bytes) < 1 or int(max_pixels) < 1:
         raise ValueError("the upload and pixel limits must be positive")
+    if not float(body_timeout_s) > 0:
+        raise ValueError(f"--body-timeout-s must be positive, got {body_timeout_s}")
 
     runner = ModelRunner(run, device=device, amp=amp)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reslab-infer")
@@ -572,7 +607,7 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
                 "preprocessing": card["preprocessing"], "metrics": card.get("metrics", {}),
                 "params": card.get("params"), "macs": card.get("macs"),
                 "checkpoint": {"name": runner.checkpoint.name, "step": card.get("step"), "epoch": card.get("epoch")},
-                "saliency_layer": runner.cam_layer, "device": str(runner.device),
+                "saliency_layer": runner.cam_layer, "temperature": runner.temperature, "device": str(runner.device),
                 "amp": str(runner.amp_dtype).replace("torch.", "") if runner.amp_dtype else "off",
                 "limits": limits, "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1e3}}
 
@@ -596,21 +631,22 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     overhead = int(max_upload_bytes) + MULTIPART_OVERHEAD_BYTES
-    app.add_middleware(BodySizeLimit, max_bytes=overhead,
+    app.add_middleware(BodyLimits, max_bytes=overhead,
                        message=f"the request body is larger than the upload limit of {int(max_upload_bytes):,} "
-                               "bytes; send a smaller image", on_refuse=lambda: count_rejection(413))
+                               "bytes; send a smaller image", timeout_s=float(body_timeout_s),
+                       on_refuse=count_rejection)
     return app
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
           max_wait_ms: float = 5.0, device: str = "auto", amp: str = "auto",
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-          log_level: str = "info", access_log: bool = True) -> None:
+          body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, log_level: str = "info", access_log: bool = True) -> None:
     """Serve ``run`` with uvicorn until interrupted (see ``create_app`` for the options)."""
     import uvicorn
 
     app = create_app(run, max_batch=max_batch, max_wait_ms=max_wait_ms, device=device, amp=amp,
-                     max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+                     max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, body_timeout_s=body_timeout_s)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {app.state.runner.card['model']} from {app.state.runner.checkpoint} at http://{shown}:{port}/ "
           f"(max batch {max_batch}, max wait {max_wait_ms:g} ms)", flush=True)
@@ -619,4 +655,4 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_bat
 
 __all__ = ["create_app", "serve", "ModelRunner", "MicroBatcher", "BatchStats", "decode_upload", "check_upload",
            "sniff_format", "saliency_pngs", "InputError", "ACCEPTED_FORMATS", "DEFAULT_MAX_UPLOAD_BYTES",
-           "DEFAULT_MAX_PIXELS"]
+           "DEFAULT_MAX_PIXELS", "DEFAULT_BODY_TIMEOUT_S"]

@@ -6,6 +6,7 @@ import argparse
 # Input limits, here so that building the CLI needs no web framework (fastapi is the optional `serve` extra).
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB: any photo a phone takes, far below memory trouble
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels decoded is ~120 MB of RGB; bigger claims are bombs
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a 10 MiB upload at 3 Mbit/s; a stalled body is answered 408 after this
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve_module.serve(args.run, host=args.host, port=args.port, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, device=args.device, amp=args.amp,
                        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                       log_level=args.log_level, access_log=not args.no_access_log)
+                       body_timeout_s=args.body_timeout_s, log_level=args.log_level, access_log=not args.no_access_log)
     return 0
 
 
@@ -38,6 +39,8 @@ def build_serve(sub) -> None:
                    help="largest accepted image file (MiB)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="largest accepted width x height (decompression-bomb limit)")
+    p.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a request body may take to arrive; slower or stalled uploads get 408")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

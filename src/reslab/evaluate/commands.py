@@ -204,7 +204,7 @@ def _build_scaling(sub) -> None:
 def cmd_report(args) -> int:
     from reslab.evaluate.report import build_report
 
-    path = build_report(args.run, out=args.out)
+    path = build_report(args.run, out=args.out, scaling=args.scaling)
     print(f"report: {path} ({path.stat().st_size / 1e6:.2f} MB, self-contained)")
     return 0
 
@@ -213,6 +213,8 @@ def _build_report(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML page: curves, metrics and every analysis of a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", default=None, help="HTML path (default: RUN/report.html)")
+    p.add_argument("--scaling", action="append", default=None, metavar="DIR",
+                   help="also show the results of `reslab scaling --out DIR` (repeatable)")
     p.set_defaults(func=cmd_report)
 
 

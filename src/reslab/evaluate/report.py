@@ -4,7 +4,8 @@ Everything is inside the file: figures are embedded as base64 ``data:`` URIs, st
 are no scripts, fonts or links to fetch. Sections: the summary (model, data, accuracy, parameters, MACs,
 throughput, hardware), the training curves (``curves.png``, drawn from metrics.jsonl if missing) and the
 per-epoch metrics table, then every analysis found in ``RUN/analysis/`` (analyze, calibration, robustness,
-explain, signal), and any other PNG there.
+explain, signal, scaling), the data-scaling results of any ``reslab scaling`` output folder given with
+``scaling``, and any other PNG in ``RUN/analysis/``.
 """
 from __future__ import annotations
 
@@ -161,8 +162,32 @@ def _signal_section(s: dict, folder: Path) -> str:
     return out + (_img(folder / "signal.png", "signal propagation") if (folder / "signal.png").is_file() else "")
 
 
-def build_report(run: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Write ``RUN/report.html`` (or ``out``) and return its path."""
+def _scaling_section(s: dict, folder: Path) -> str:
+    length = f"{s['iterations']} iterations" if s.get("iterations") else f"{s.get('epochs')} epochs"
+    out = (f"<h2>Data scaling ({html.escape(str(s.get('model')))} on {html.escape(str(s.get('data')))})</h2>"
+           f"<p>Test accuracy against training-set size: nested stratified subsets of the "
+           f"{s.get('full_train_images')} training images, {length} per fraction, seed {s.get('seed')}.</p>")
+    rows = [[p.get("fraction"), p.get("train_images"), _pct(p.get("test_top1")), p.get("test_loss"), p.get("steps"),
+             p.get("wall_seconds")] for p in s.get("points", [])]
+    out += _table(["fraction", "train images", "test top-1", "test loss", "steps", "wall time (s)"], rows)
+    png = folder / "scaling.png"
+    return out + (_img(png, "test accuracy against data size") if png.is_file() else "")
+
+
+def _scaling_results(where: str | Path) -> tuple[dict, Path]:
+    """(scaling.json, its folder) of a ``reslab scaling`` output folder, or of the JSON file itself."""
+    path = Path(where)
+    path = path / "scaling.json" if path.is_dir() else path
+    data = _load(path)
+    if data is None or "points" not in data:
+        raise ValueError(f"--scaling {where}: no readable scaling.json there; give the --out folder of a "
+                         "`reslab scaling` run")
+    return data, path.parent
+
+
+def build_report(run: str | Path, out: str | Path | None = None, title: str | None = None,
+                 scaling: list[str | Path] | None = None) -> Path:
+    """Write ``RUN/report.html`` (or ``out``) and return its path; ``scaling`` adds data-scaling results."""
     from reslab.evaluate.analyze import run_dir_of
     from reslab.train.rundir import atomic_write_text
 
@@ -173,7 +198,8 @@ def build_report(run: str | Path, out: str | Path | None = None, title: str | No
     sections = [("analyze.json", _analyze_section, ["confusion.png", "confused_pairs.png", "top_losses.png"]),
                 ("calibration.json", _calibration_section, ["reliability.png"]),
                 ("robustness.json", _robustness_section, ["robustness.png", "corruption_examples.png"]),
-                ("signal.json", _signal_section, ["signal.png"])]
+                ("signal.json", _signal_section, ["signal.png"]),
+                ("scaling.json", _scaling_section, ["scaling.png"])]
     for name, render, pngs in sections:
         data = _load(folder / name)
         if data is not None:
@@ -184,10 +210,12 @@ def build_report(run: str | Path, out: str | Path | None = None, title: str | No
         if data is not None:
             parts.append(_explain_section(data, folder))
             used.add(f"explain-{data.get('method')}.png")
+    for where in scaling or []:
+        parts.append(_scaling_section(*_scaling_results(where)))
     others = [p for p in sorted(folder.glob("*.png")) if p.name not in used] if folder.is_dir() else []
     if others:
         parts.append("<h2>Other figures</h2>" + "".join(_img(p, p.stem) for p in others))
-    if not folder.is_dir():
+    if not folder.is_dir() and not scaling:
         parts.append("<p class='note'>No analyses yet: run <code>reslab analyze</code>, "
                      "<code>reslab robustness</code>, "
                      "<code>reslab explain</code> or <code>reslab signal --run</code> on this run.</p>")

@@ -6,21 +6,30 @@
 - LRP (Bach et al. 2015, "On Pixel-Wise Explanations for Non-Linear Classifier Decisions by Layer-Wise
   Relevance Propagation"; Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview"): the logit
   of the target class is redistributed layer by layer down to the pixels.
-  * BatchNorm (eval mode) is folded into the convolution before it, so each conv+BN is one affine layer.
+  * BatchNorm (eval mode) is folded into the convolution before it, so each conv+BN is one affine layer; a BN
+    with no conv right before it (pre-activation blocks, the final BN-ReLU) is a per-channel affine layer.
   * Affine layers (conv, fc, global average pooling) use LRP-epsilon, ``R_i = a_i w_ij R_j / (z_j + eps sign z_j)``,
     or LRP-alpha-beta, ``R_i = (alpha z+_ij / z+_j - beta z-_ij / z-_j) R_j`` with alpha - beta = 1 (Bach et al.,
     Eq. 60), where the positive part of a contribution is ``w+ a+ + w- a-`` (inputs of either sign: the pixels);
     a neuron whose contributions all have one sign uses alpha=1, beta=0 on that sign, so relevance is conserved.
     Both are computed with the gradient trick of Montavon et al. 2019, §10.2.3.
-  * ReLU passes relevance through; max pooling gives it to the winning input (the epsilon rule on max).
+  * ReLU and ReLU6 pass relevance through; max pooling gives it to the winning input (the epsilon rule on max);
+    average pooling is a bias-free affine layer; dropout and DropPath are identities in eval mode.
   * The residual sum ``y = shortcut(x) + branch(x)`` splits ``R_y`` in proportion to the two contributions,
     ``R_shortcut = shortcut * R_y / (y + eps sign y)`` and likewise for the branch, and the relevance of ``x``
-    is the sum of what flows back through both paths (option A's zero-padded channels receive none).
+    is the sum of what flows back through both paths (option A's zero-padded channels receive none);
+    ``residual_scale`` is a constant factor on the branch. A pre-activation block whose projection shortcut
+    takes the pre-activated input shares its first BN-ReLU between the two paths.
+  * A channel concatenation (Inception branches) gives each branch the relevance of its channels; the input's
+    relevance is the sum over the branches.
 
   Biases (from BN folding) and the epsilon absorb some relevance, so the pixel relevances sum to the logit
   only when biases are zero and epsilon is small (the conservation test of tests/test_saliency.py).
-  Supported: the reslab ``CifarResNet`` and ``ResNet`` families (resnet*, plain*), BasicBlock and Bottleneck,
-  shortcuts A, B, C and none; anything else raises ``NotImplementedError`` naming the module.
+  Supported: every model of the registry, i.e. the classes ``CifarResNet`` and ``ResNet`` (resnet*, plain*,
+  wide_resnet50_2, resnext50_32x4d), ``StagedNet`` (preact_resnet*, wrn*, resnext29_8x64d, simplenet,
+  inception_resnet*) and ``MobileNetV2`` (mobilenet_v2*), with shortcuts A, B, C and none; another model class,
+  or a module inside these that has no rule (e.g. a swapped-in GELU or GroupNorm), raises
+  ``NotImplementedError`` naming it and suggesting ``--method gradcam``.
 """
 from __future__ import annotations
 
@@ -223,67 +232,216 @@ class _PadShortcut:
         return out
 
 
+class _ReLU6(_ReLU):
+    """ReLU6 (MobileNetV2): relevance passes through like a ReLU's (it is zero where the unit is off)."""
+
+    def forward(self, a):
+        return F.relu6(a)
+
+
+class _Concat:
+    """Parallel branches on one input, concatenated along channels (Inception): each branch gets the
+    relevance of its own channels, and the input's relevance is the sum over the branches."""
+
+    def __init__(self, branches: list[_Sequence]):
+        self.branches = branches
+
+    def forward(self, a):
+        return torch.cat([b.forward(a) for b in self.branches], dim=1)
+
+    def relprop(self, a, relevance, rule):
+        sizes = [b.forward(a).shape[1] for b in self.branches]
+        parts = relevance.split(sizes, dim=1)
+        return sum(b.relprop(a, r, rule) for b, r in zip(self.branches, parts))
+
+
+def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm2d as ``x * scale + shift`` per channel."""
+    if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or bn.running_var is None:
+        raise NotImplementedError(f"LRP folds BatchNorm2d with running statistics, got {type(bn).__name__}")
+    var, mean = bn.running_var.detach().float(), bn.running_mean.detach().float()
+    gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
 def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> _Affine:
     w = conv.weight.detach().float()
     b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0], device=w.device)
     if bn is not None:
-        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
-            raise NotImplementedError(f"LRP folds BatchNorm2d with running statistics, got {type(bn).__name__}")
-        scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        scale, shift = _bn_scale_shift(bn)
         w = w * scale.view(-1, 1, 1, 1)
-        b = (b - bn.running_mean.float()) * scale + bn.bias.detach().float()
+        b = b * scale + shift
     kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
     if conv.padding_mode != "zeros":
         raise NotImplementedError(f"LRP supports zero-padded convolutions, got padding_mode={conv.padding_mode!r}")
     return _Affine(lambda t, weight: F.conv2d(t, weight, **kw), w, b.view(1, -1, 1, 1))
 
 
-def _block_layers(block) -> list:
-    from reslab.models.blocks import BasicBlock, Bottleneck, PadShortcut
+def _standalone_bn(bn: nn.BatchNorm2d) -> _Affine:
+    """A BN with no conv right before it (pre-activation blocks, the final BN-ReLU): a per-channel
+    (diagonal) affine layer ``y = x * w + b``, through which relevance goes by the same rules."""
+    scale, shift = _bn_scale_shift(bn)
+    return _Affine(lambda t, weight: t * weight, scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1))
 
-    if type(block) is BasicBlock:
-        branch = [_fold_conv_bn(block.conv1, block.bn1), _ReLU(), _fold_conv_bn(block.conv2, block.bn2)]
-    elif type(block) is Bottleneck:
-        branch = [_fold_conv_bn(block.conv1, block.bn1), _ReLU(), _fold_conv_bn(block.conv2, block.bn2), _ReLU(),
-                  _fold_conv_bn(block.conv3, block.bn3)]
-    else:
-        raise NotImplementedError(f"LRP supports BasicBlock and Bottleneck blocks, not {type(block).__name__}")
+
+def _scale(factor: float) -> _Affine:
+    """``residual_scale``: the branch times a constant (relevance passes unchanged)."""
+    return _Affine(lambda t, weight: t * weight, torch.tensor(float(factor)), torch.tensor(0.0))
+
+
+def _merge(block, branch: list, shortcut, pre: list | None = None) -> list:
+    """Layers of ``ResidualBlock.merge``: the branch alone for a plain block, otherwise the residual sum
+    (``residual_scale`` on the branch; DropPath is the identity in eval mode). ``pre``: layers that both
+    paths share (the pre-activation of a projection-shortcut pre-act block)."""
+    pre = pre or []
     if not block.use_shortcut:
-        return [*branch, _ReLU()]
+        return [*pre, *branch]
+    if block.residual_scale != 1.0:
+        branch = [*branch, _scale(block.residual_scale)]
+    return [*pre, _ResidualSum(_Sequence(branch), shortcut)]
+
+
+def _shortcut(block):
+    from reslab.models.blocks import PadShortcut
+
     ds = block.downsample
     if ds is None:
-        shortcut = _Identity()
-    elif isinstance(ds, PadShortcut):
-        shortcut = _PadShortcut(ds)
-    elif isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
-        shortcut = _Sequence([_fold_conv_bn(ds[0], ds[1])])
-    else:
-        raise NotImplementedError(f"LRP does not support the shortcut {type(ds).__name__} of {type(block).__name__}")
-    return [_ResidualSum(_Sequence(branch), shortcut), _ReLU()]
+        return _Identity()
+    if isinstance(ds, PadShortcut):
+        return _PadShortcut(ds)
+    if type(ds) is nn.Sequential and 1 <= len(ds) <= 2 and type(ds[0]) is nn.Conv2d:
+        return _Sequence(_layers(ds))
+    raise NotImplementedError(f"LRP does not support the shortcut {type(ds).__name__} of {type(block).__name__}")
+
+
+def _block_layers(block) -> list:
+    from reslab.models.blocks import (BasicBlock, Bottleneck, InvertedResidual, PreActBasicBlock,
+                                      PreActBottleneck)
+
+    kind = type(block)
+    if kind is BasicBlock:
+        branch = [_fold_conv_bn(block.conv1, block.bn1), _ReLU(), _fold_conv_bn(block.conv2, block.bn2)]
+        return [*_merge(block, branch, _shortcut(block) if block.use_shortcut else None), _ReLU()]
+    if kind is Bottleneck:
+        branch = [_fold_conv_bn(block.conv1, block.bn1), _ReLU(), _fold_conv_bn(block.conv2, block.bn2), _ReLU(),
+                  _fold_conv_bn(block.conv3, block.bn3)]
+        return [*_merge(block, branch, _shortcut(block) if block.use_shortcut else None), _ReLU()]
+    if kind in (PreActBasicBlock, PreActBottleneck):
+        # BN-ReLU first (a standalone per-channel affine layer), each later BN folded into the conv before it;
+        # no ReLU after the sum. A projection shortcut sees the pre-activated input, so the BN-ReLU is shared.
+        pre = [_standalone_bn(block.bn1), _ReLU()]
+        if kind is PreActBasicBlock:  # dropout between the convs is the identity in eval mode
+            body = [_fold_conv_bn(block.conv1, block.bn2), _ReLU(), _fold_conv_bn(block.conv2, None)]
+        else:
+            body = [_fold_conv_bn(block.conv1, block.bn2), _ReLU(), _fold_conv_bn(block.conv2, block.bn3), _ReLU(),
+                    _fold_conv_bn(block.conv3, None)]
+        if not block.use_shortcut:
+            return [*pre, *body]
+        if block.downsample is not None:
+            return _merge(block, body, _shortcut(block), pre=pre)
+        return _merge(block, [*pre, *body], _Identity())
+    if kind is InvertedResidual:  # expansion (ReLU6), depthwise (ReLU6), linear projection; identity shortcut
+        return _merge(block, _layers(block.conv), _Identity())
+    raise NotImplementedError(f"LRP has no rule for the block {kind.__name__}")
+
+
+def _layers(module: nn.Module) -> list:
+    """LRP layers computing ``module`` (eval mode); a conv directly followed by a BN is folded into one."""
+    from reslab.models.blocks import DropPath, ResidualBlock
+    from reslab.models.inception_resnet import BranchConcat, InceptionResidual
+
+    kind = type(module)
+    if isinstance(module, nn.Sequential) and kind.forward is nn.Sequential.forward:  # also ConvNormAct
+        children, layers, i = list(module), [], 0
+        while i < len(children):
+            child = children[i]
+            if type(child) is nn.Conv2d:
+                bn = children[i + 1] if i + 1 < len(children) and type(children[i + 1]) is nn.BatchNorm2d else None
+                layers.append(_fold_conv_bn(child, bn))
+                i += 2 if bn is not None else 1
+            else:
+                layers.extend(_layers(child))
+                i += 1
+        return layers
+    if kind is nn.Conv2d:
+        return [_fold_conv_bn(module, None)]
+    if kind is nn.BatchNorm2d:
+        return [_standalone_bn(module)]
+    if kind is nn.ReLU:
+        return [_ReLU()]
+    if kind is nn.ReLU6:
+        return [_ReLU6()]
+    if kind in (nn.Identity, nn.Dropout, nn.Dropout2d, DropPath):  # identities in eval mode
+        return []
+    if kind is nn.MaxPool2d:
+        m = module
+        return [_Pool(lambda t: F.max_pool2d(t, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode))]
+    if kind is nn.AvgPool2d:
+        m = module
+        return [_Pool(lambda t: F.avg_pool2d(t, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                             m.count_include_pad, m.divisor_override))]
+    if kind is BranchConcat:
+        return [_Concat([_Sequence(_layers(b)) for b in module.branches])]
+    if kind is InceptionResidual:  # branches, 1x1 expansion (bias, no BN), scaled sum, ReLU (or none)
+        branch = [*_layers(module.branches), _fold_conv_bn(module.up, None)]
+        return [*_merge(module, branch, _Identity()), *_layers(module.relu)]
+    if isinstance(module, ResidualBlock):
+        return _block_layers(module)
+    raise NotImplementedError(f"LRP has no rule for {kind.__name__}")
+
+
+def _classifier(fc: nn.Module) -> _Affine:
+    if type(fc) is not nn.Linear:
+        raise NotImplementedError("LRP needs a linear classifier (model.fc)")
+    w = fc.weight.detach().float()
+    b = fc.bias.detach().float() if fc.bias is not None else torch.zeros(fc.out_features, device=w.device)
+    return _Affine(lambda t, weight: F.linear(t, weight), w, b)
 
 
 def lrp_network(model: nn.Module) -> _Sequence:
-    """The model (eval mode) as LRP layers: stem, blocks, global average pool, fc. Raises for unsupported models."""
+    """The model (eval mode) as LRP layers: stem, blocks, global average pool, fc. Raises for unsupported models.
+
+    Every registry family is covered: ``CifarResNet`` / ``ResNet`` (resnet*, plain*, wide_resnet50_2,
+    resnext50_32x4d), ``StagedNet`` (preact_resnet*, wrn*, resnext29_8x64d, simplenet, inception_resnet*)
+    and ``MobileNetV2`` (mobilenet_v2*). Unknown modules inside them raise ``NotImplementedError`` by name.
+    """
+    from reslab.models.base import ClassifierNet
+    from reslab.models.blocks import StagedNet
+    from reslab.models.mobilenet_v2 import MobileNetV2
     from reslab.models.resnet import ResNet
     from reslab.models.resnet_cifar import CifarResNet
 
-    if type(model) not in (CifarResNet, ResNet):
-        raise NotImplementedError(f"LRP is implemented for the reslab CIFAR and ImageNet ResNets / plain nets "
-                                  f"(CifarResNet, ResNet), not {type(model).__name__}; use --method gradcam")
-    if model.training:
+    kind = type(model)
+    if kind not in (CifarResNet, ResNet, StagedNet, MobileNetV2):
+        raise NotImplementedError(f"LRP is implemented for the reslab model classes CifarResNet, ResNet, StagedNet "
+                                  f"and MobileNetV2 (every `reslab models` entry), not {kind.__name__}; "
+                                  f"use --method gradcam")
+    if any(m.training for m in model.modules()):
         raise ValueError("LRP folds BatchNorm running statistics: put the model in eval mode first")
-    layers: list = [_fold_conv_bn(model.conv1, model.bn1), _ReLU()]
-    if type(model) is ResNet:
-        mp = model.maxpool
-        layers.append(_Pool(lambda t: F.max_pool2d(t, mp.kernel_size, mp.stride, mp.padding)))
-    for info in model.stage_info:
-        for block in getattr(model, info.name):
-            layers.extend(_block_layers(block))
-    layers.append(_Pool(lambda t: t.mean(dim=(2, 3))))
-    if not isinstance(model.fc, nn.Linear):
-        raise NotImplementedError("LRP needs a linear classifier (model.fc)")
-    fc_bias = model.fc.bias.detach().float() if model.fc.bias is not None else torch.zeros(model.fc.out_features)
-    layers.append(_Affine(lambda t, weight: F.linear(t, weight), model.fc.weight.detach().float(), fc_bias))
+    if kind.pool is not ClassifierNet.pool:
+        raise NotImplementedError(f"LRP expects global average pooling, {kind.__name__} overrides pool()")
+    try:
+        if kind in (CifarResNet, ResNet):
+            layers: list = [_fold_conv_bn(model.conv1, model.bn1), _ReLU()]
+            if kind is ResNet:
+                layers.extend(_layers(model.maxpool))
+            for info in model.stage_info:
+                for block in getattr(model, info.name):
+                    layers.extend(_block_layers(block))
+        elif kind is StagedNet:
+            layers = _layers(model.stem)
+            for info in model.stage_info:
+                layers.extend(_layers(getattr(model, info.name)))
+            layers.extend(_layers(model.final_norm))
+        else:
+            layers = _layers(model.features)
+        layers.append(_Pool(lambda t: t.mean(dim=(2, 3))))
+        layers.append(_classifier(model.fc))  # MobileNetV2: classifier = (Dropout, fc), dropout off in eval mode
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{e} (in {getattr(model, 'model_name', kind.__name__)}); use --method gradcam") \
+            from None
     return _Sequence(layers)
 
 

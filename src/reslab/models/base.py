@@ -3,6 +3,8 @@
 A model is a stem, a list of stages and a head (global pool + classifier ``fc``):
 - ``forward_features(x)``: the last feature map, shape (B, num_features, h, w);
 - ``forward_head(x, pre_logits=False)``: pool (+ ``fc`` unless ``pre_logits``);
+- ``forward(x, pre_logits=False)``: both, so wrappers that act in ``forward`` (DistributedDataParallel's gradient
+  hooks) also see a forward that stops at the pooled embedding;
 - ``reset_classifier(num_classes)``: a fresh ``fc`` for a new class count;
 - ``stage_info``: one ``StageInfo`` per stage (module name, output channels, cumulative stride).
 """
@@ -38,8 +40,8 @@ class ClassifierNet(nn.Module):
         x = self.pool(x)
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), pre_logits=pre_logits)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

@@ -41,9 +41,12 @@ class Budget:
 BUDGETS = {
     # The paper's recipe exactly (He et al. 2016 §4.2): 64k iterations of batch 128, x0.1 at 32k and 48k.
     "full": Budget("full", iterations=64_000, eval_every=5),
-    # A 2-core-CPU budget (see docs/reproductions/he2016-cifar.md): ~5 epochs of all 50k images,
-    # same schedule shape, evaluated every epoch.
-    "short": Budget("short", iterations=2_000, eval_every=1),
+    # A 2-core-CPU budget (see docs/reproductions/he2016-cifar.md): 3,200 iterations (5% of the paper's) on a
+    # stratified 20% subset (10k images, ~41 epochs), the same schedule shape, tested every 5 epochs. With all
+    # 50k images the same iterations are only ~8 epochs, where deeper ResNets have not yet caught up with
+    # shallower ones (they start slower); on the subset the optimisation question, training error, is settled
+    # within the budget, which is what Figure 6 is about.
+    "short": Budget("short", iterations=3_200, train_fraction=0.2, eval_every=5),
 }
 
 

@@ -62,6 +62,7 @@ class TrainConfig:
     distill_weight: float = 0.9  # weight of the soft-target term (1 - weight on the labels)
     guide: str | None = None  # guide run directory or model name (untrained) for CKA guidance
     guide_weight: float = 1.0
+    guide_layers: str = "stages"  # stages | blocks: align each stage output, or each residual block's output
 
     # --- transfer: start from trained weights (reslab finetune)
     init_from: str | None = None  # run dir, checkpoint or torchvision .pth to start from (head reset when classes differ)
@@ -145,6 +146,7 @@ class TrainConfig:
             "amp": ("auto", "bf16", "fp16", "off"),
             "nan_policy": ("stop", "skip"),
             "drop_path_schedule": ("constant", "linear"),
+            "guide_layers": ("stages", "blocks"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

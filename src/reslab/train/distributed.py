@@ -116,8 +116,23 @@ def setup(device_name: str = "auto") -> DistContext:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("RESLAB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         kwargs = {"device_id": device} if use_cuda else {}
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **kwargs)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
+                                store=_rendezvous_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, **kwargs)
     return DistContext(True, rank, world_size, local_rank, device)
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store the ranks meet in, namespaced by torchrun's restart count.
+
+    After an elastic restart torchrun's agent keeps serving the same store, which still holds the previous
+    attempt's gloo addresses; a new rank that reads its dead peer's address fails with "connection refused".
+    A prefix per attempt keeps every attempt's keys apart. Without torchrun's agent store, rank 0 hosts it.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"reslab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(ctx: DistContext) -> None:

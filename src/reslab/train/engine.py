@@ -209,6 +209,11 @@ def out_of_memory_message(batch_size: int) -> str:
             "(the learning rate keeps its meaning for the global batch; scale --lr with it if you change it)")
 
 
+def eval_out_of_memory_message(eval_batch_size: int) -> str:
+    return (f"out of memory during evaluation with --eval-batch-size {eval_batch_size}; try --eval-batch-size "
+            f"{max(1, eval_batch_size // 2)} (it changes only the speed of evaluation, not its results)")
+
+
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower())

@@ -22,8 +22,8 @@ from reslab.train import distributed as dist_utils
 from reslab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from reslab.train.config import TrainConfig, load_config_file, save_config
 from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_optimizer, check_loss,
-                                 evaluate_loader, is_oom, out_of_memory_message, select_device, set_lr,
-                                 train_step)
+                                 eval_out_of_memory_message, evaluate_loader, is_oom, out_of_memory_message,
+                                 select_device, set_lr, train_step)
 from reslab.train.objectives import build_objective, gradient_noise_hook, set_drop_path_scale
 from reslab.train.rundir import JsonlLog, default_run_dir, environment_info, read_jsonl, write_json
 from reslab.train.schedules import lr_multiplier, resolve_milestones
@@ -273,8 +273,13 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         eval_model = ema.module if ema is not None else model
         out = {}
         for split, loader in eval_loaders.items():
-            r = evaluate_loader(eval_model, loader, device=device, amp_dtype=amp_dtype,
-                                num_classes=splits.num_classes, tta_flip=cfg.tta_flip)
+            try:
+                r = evaluate_loader(eval_model, loader, device=device, amp_dtype=amp_dtype,
+                                    num_classes=splits.num_classes, tta_flip=cfg.tta_flip)
+            except RuntimeError as e:
+                if is_oom(e):
+                    raise TrainingError(eval_out_of_memory_message(cfg.eval_batch_size)) from e
+                raise
             out.update({f"{split}_top1": r["top1"], f"{split}_top5": r["top5"], f"{split}_loss": r["loss"]})
         return out
 
@@ -282,6 +287,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     writer = _tensorboard(run_dir) if cfg.tensorboard and is_main else None
     status, last_eval = "finished", {}
     train_seconds, train_images = prior_train_seconds, prior_train_images
+    check_finite = _check_every_step(cfg, device)
+    # Without the per-step check the losses stay on the device, so a non-finite epoch can name its first bad step.
+    step_losses = None if check_finite else torch.zeros(steps_per_epoch, device=device)
     try:
         while step < total_steps:
             if train_loader.state_dict()["epoch"] != epoch:  # equal only when resuming mid-epoch
@@ -289,24 +297,26 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             model.train()
             loss_sum = torch.zeros((), device=device)
             correct_sum = torch.zeros((), device=device, dtype=torch.long)
-            seen, t_epoch = 0, time.perf_counter()
+            seen, t_epoch, epoch_start = 0, time.perf_counter(), step
             for x, y in train_loader:
                 lr = cfg.lr * lr_scale * lr_multiplier(step, total_steps, cfg)
                 set_lr(optimizer, lr)
                 step_ref[0] = step
                 if cfg.drop_path_schedule == "linear":
-                    set_drop_path_scale(model, step / total_steps)
+                    set_drop_path_scale(model, step / max(1, total_steps - 1))  # 0 at the first step, max at the last
                 try:
                     result = train_step(train_model, x, y, optimizer, device=device, amp_dtype=amp_dtype,
                                         scaler=scaler, label_smoothing=cfg.label_smoothing,
                                         objective=objective, before_update=before_update,
                                         agree=dist.all_true if dist.enabled else None,
-                                        check_finite=cfg.nan_policy == "skip" or device.type != "cuda")
+                                        check_finite=check_finite)
                 except RuntimeError as e:
                     if is_oom(e):
                         raise TrainingError(out_of_memory_message(cfg.batch_size)) from e
                     raise
                 check_loss(result, step, cfg.nan_policy)
+                if step_losses is not None:
+                    step_losses[step - epoch_start] = result.loss
                 if not result.finite:
                     skipped_steps += 1
                     lr_scale *= 0.5
@@ -338,9 +348,12 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                       "train_loss": (stats[0] / stats[2]).item(), "train_top1": (stats[1] / stats[2]).item(),
                       "images_per_s": seen * dist.world_size / max(1e-9, epoch_seconds),
                       "seconds": epoch_seconds}
-            if cfg.nan_policy == "stop" and not math.isfinite(record["train_loss"]):
-                raise TrainingError(f"the loss became non-finite during epoch {epoch}; lower --lr, check the data, "
-                                    "or pass --nan-policy skip")
+            if step_losses is not None and not math.isfinite(record["train_loss"]):
+                # The first step whose loss was non-finite on any rank (every rank takes this branch together).
+                bad = torch.nonzero(~torch.isfinite(dist.all_reduce_sum(step_losses[:step - epoch_start])))
+                at = f"at step {epoch_start + int(bad[0])}" if len(bad) else f"during epoch {epoch}"
+                raise TrainingError(f"the loss became non-finite {at}; lower --lr, check the data, "
+                                    "or pass --nan-policy skip to skip such steps and halve the learning rate")
             done = step >= total_steps
             if is_main and (epoch % cfg.eval_every == 0 or done):
                 last_eval = evaluate_now()
@@ -397,6 +410,13 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     if status == "interrupted":
         raise KeyboardInterrupt
     return summary
+
+
+def _check_every_step(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether each step's loss is checked for finiteness at once. The check is a host sync per step, free on a
+    CPU but a pipeline stall on a GPU, so on CUDA with ``--nan-policy stop`` the losses are checked at the end of
+    each epoch instead (the updates after the first bad step are then wasted, and the error still names it)."""
+    return cfg.nan_policy == "skip" or device.type != "cuda"
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:

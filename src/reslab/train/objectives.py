@@ -4,7 +4,7 @@ An objective is called as ``objective(model, x, y) -> (loss, logits)``; the loop
 - cross-entropy with label smoothing (Szegedy et al. 2016, §7);
 - Matryoshka nested loss (Kusupati et al. 2022, MRL-E: one classifier whose weight is sliced per nested size);
 - knowledge distillation from a teacher run (Hinton et al. 2015: soft targets at temperature T, weight T^2);
-- guidance of a target network by a frozen guide through linear CKA of stage outputs
+- guidance of a target network by a frozen guide through linear CKA of stage or residual-block outputs
   (Subramaniam et al. 2024, "Training the Untrainable"; CKA: Kornblith et al. 2019, Eq. 2 with linear kernels).
 Gradient noise (Neelakantan et al. 2015) and ScheduledDropPath (Zoph et al. 2018) act around the step.
 """
@@ -51,15 +51,13 @@ class Matryoshka:
         if self.dims[-1] > net.num_features:
             raise ValueError(f"--matryoshka {self.dims}: the largest size exceeds the model's "
                              f"{net.num_features}-dimensional embedding")
-        pooled = net.forward_head(model_features(model, x), pre_logits=True)
+        # Through the wrapper's forward: DistributedDataParallel prepares its gradient all-reduce there, and a
+        # call to the bare network would leave every rank with its own gradients. ``fc`` is applied below, in the
+        # same backward pass, so its gradients are averaged too.
+        pooled = model(x, pre_logits=True)
         all_logits = matryoshka_logits(net, pooled, self.dims)
         loss = sum(F.cross_entropy(lg.float(), y, label_smoothing=self.label_smoothing) for lg in all_logits)
         return loss / len(all_logits), net.fc(pooled)
-
-
-def model_features(model, x):
-    """forward_features through a DDP wrapper too (DDP hooks only run in forward(); fine for a single process)."""
-    return unwrap(model).forward_features(x)
 
 
 class Distillation:
@@ -100,20 +98,40 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Ten
     return (kc * lc).sum() / (kc.norm() * lc.norm() + eps)
 
 
-class StageOutputs:
-    """Forward hooks collecting the output of each stage (``stage_info`` names) of a ClassifierNet."""
+def guided_modules(net: nn.Module, layers: str = "stages") -> list[nn.Module]:
+    """The modules whose outputs guidance aligns: each stage (``stage_info``), or each residual block.
 
-    def __init__(self, net: nn.Module):
+    Subramaniam et al. 2024 align the networks layer by layer; ``blocks`` does so at the granularity of the
+    residual blocks (a plain net's blocks are ``ResidualBlock``s without shortcut), ``stages`` only at the
+    stage outputs.
+    """
+    if layers == "stages":
+        return [net.get_submodule(s.name) for s in net.stage_info]
+    if layers != "blocks":
+        raise ValueError(f"--guide-layers {layers!r}: choose stages or blocks")
+    from reslab.models.blocks import ResidualBlock
+
+    blocks = [m for m in net.modules() if isinstance(m, ResidualBlock)]
+    if not blocks:
+        raise ValueError(f"--guide-layers blocks: {type(net).__name__} has no residual blocks; "
+                         "use --guide-layers stages")
+    return blocks
+
+
+class LayerOutputs:
+    """Forward hooks collecting the outputs of ``modules`` (in execution order) during ``collect()``."""
+
+    def __init__(self, modules: list[nn.Module]):
         self.outputs: list[torch.Tensor] = []
         self.active = False  # collect only inside `collect()`, so evaluation passes hold nothing
-        self.handles = [net.get_submodule(s.name).register_forward_hook(self._hook) for s in net.stage_info]
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
 
     def _hook(self, module, inputs, output):
         if self.active:
             self.outputs.append(output)
 
     def collect(self, forward, x) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run ``forward(x)`` and return its output with the stage outputs it produced."""
+        """Run ``forward(x)`` and return its output with the hooked outputs it produced."""
         self.active, self.outputs = True, []
         try:
             out = forward(x)
@@ -123,26 +141,31 @@ class StageOutputs:
 
 
 class Guidance:
-    """CE + weight * sum over aligned stages of (1 - CKA(target stage output, guide stage output)).
+    """CE + weight * sum over aligned layers of (1 - CKA(target layer output, guide layer output)).
 
-    The guide is frozen; stages are aligned by position from the last (so a guide with as many stages aligns
-    one to one, as plain56/resnet56 do).
+    The guide is frozen; ``layers`` (see :func:`guided_modules`) are aligned by position from the last, so a
+    guide with as many stages or blocks aligns one to one (plain56/resnet56: 3 stages, 27 blocks).
     """
 
-    def __init__(self, model: nn.Module, guide: nn.Module, weight: float, label_smoothing: float = 0.0):
+    def __init__(self, model: nn.Module, guide: nn.Module, weight: float, label_smoothing: float = 0.0,
+                 layers: str = "stages"):
         self.guide, self.weight, self.label_smoothing = guide.eval(), weight, label_smoothing
         for p in self.guide.parameters():
             p.requires_grad_(False)
-        self.target_stages = StageOutputs(unwrap(model))
-        self.guide_stages = StageOutputs(self.guide)
-        self.pairs = min(len(unwrap(model).stage_info), len(self.guide.stage_info))
+        self.target_layers = LayerOutputs(guided_modules(unwrap(model), layers))
+        self.guide_layers = LayerOutputs(guided_modules(self.guide, layers))
+        self.pairs = min(len(self.target_layers.handles), len(self.guide_layers.handles))
+
+    def alignments(self, model, x) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The target's logits and CKA(target, guide) of each aligned pair of layer outputs, in depth order."""
+        logits, target = self.target_layers.collect(model, x)
+        with torch.no_grad():
+            _, guide = self.guide_layers.collect(self.guide, x)
+        return logits, [linear_cka(t, g) for t, g in zip(target[-self.pairs:], guide[-self.pairs:])]
 
     def __call__(self, model, x, y):
-        logits, target = self.target_stages.collect(model, x)
-        with torch.no_grad():
-            _, guide = self.guide_stages.collect(self.guide, x)
-        target, guide = target[-self.pairs:], guide[-self.pairs:]
-        align = sum(1 - linear_cka(t, g) for t, g in zip(target, guide))
+        logits, cka = self.alignments(model, x)
+        align = sum(1 - c for c in cka)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return ce + self.weight * align, logits
 
@@ -199,7 +222,7 @@ def build_objective(cfg, model: nn.Module, *, num_classes: int, in_chans: int, d
                                      seed=cfg.seed)
         if cfg.channels_last:
             guide = guide.to(memory_format=torch.channels_last)
-        return Guidance(model, guide, cfg.guide_weight, cfg.label_smoothing)
+        return Guidance(model, guide, cfg.guide_weight, cfg.label_smoothing, cfg.guide_layers)
     return None
 
 

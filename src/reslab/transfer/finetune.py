@@ -13,7 +13,6 @@ Training itself is ``reslab.train.train`` with three TrainConfig fields (``init_
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -126,9 +125,6 @@ def finetune_config(run: str | Path | None, data: str, *, weights: str | Path | 
             raise ValueError(f"--model {model}: {run} holds a {manifest['model']}")
         model, model_kwargs, source = manifest["model"], dict(manifest.get("model_kwargs", {})), str(run)
         model_kwargs.pop("drop_path_rate", None)  # a TrainConfig field of its own
-    if "init_from" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise ValueError("this reslab's TrainConfig has no init_from/freeze/backbone_lr_mult fields yet "
-                                  "(see docs/transfer.md, 'Training-loop support')")
     values = dict(model=model, model_kwargs=model_kwargs, data=data, init_from=source, freeze=list(freeze or []),
                   epochs=epochs, lr=lr * head_lr_mult, backbone_lr_mult=1.0 / head_lr_mult, schedule="cosine",
                   weight_decay=5e-4, val_fraction=0.1, out=str(out) if out else None)
