@@ -177,6 +177,26 @@ def test_signal_shows_the_plain_net_gradient_spread(tmp_path):
     assert (tmp_path / "signal.png").is_file() and len(nets["resnet56"]["blocks"]) == 28
 
 
+def test_signal_measures_a_trained_plain_and_residual_pair(tiny_run, tmp_path):
+    """`--run` twice: each trained model is measured on its own test images (eval-mode BN) beside the init nets."""
+    from reslab.cli import main
+    from reslab.train import train
+    from reslab.train.config import TrainConfig
+
+    plain_run = tmp_path / "plain"
+    train(TrainConfig(model="plain20", data="digits", epochs=1, batch_size=64, lr=0.05, model_kwargs={"width": 0.5},
+                      progress=False, out=str(plain_run), amp="off"))
+    out = tmp_path / "sig"
+    assert main(["signal", "resnet20", "--depths", "20", "--batch-size", "8", "--run", str(plain_run),
+                 "--run", str(tiny_run), "--out", str(out)]) == 0
+    r = json.loads((out / "signal.json").read_text())
+    trained = [n for n in r["nets"] if n["state"] == "trained"]
+    assert [n["model"] for n in trained] == ["plain20", "resnet20"]
+    for n in trained:  # stem + 9 blocks, finite, and a real backward pass reached every block
+        assert len(n["blocks"]) == 10 and all(0 < g < float("inf") for g in n["gradient_rms"])
+    assert [n["state"] for n in r["nets"]].count("init") == 2 and (out / "signal.png").is_file()
+
+
 def test_scaling_trains_nested_fractions(tmp_path):
     from reslab.evaluate.scaling import scaling, subset_sizes
 

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from reslab.cli import main
@@ -66,3 +67,14 @@ def test_short_budget_keeps_the_schedule_shape():
         # the paper's recipe otherwise; a stratified subset keeps the CPU budget
         assert cfg.batch_size == 128 and cfg.lr == 0.1 and cfg.train_fraction == BUDGETS["short"].train_fraction
     assert [n for n, _, _ in runs] == ["plain56", "resnet56"]
+
+
+def test_a_short_final_epoch_is_folded_into_the_one_before():
+    from reslab.reproduce.he2016 import merged_epochs
+
+    records = [{"epoch": 1, "step": 78, "train_top1": 0.5}, {"epoch": 2, "step": 156, "train_top1": 0.8},
+               {"epoch": 3, "step": 158, "train_top1": 0.0, "test_top1": 0.7}]  # 2 unlucky batches at the end
+    merged = merged_epochs(records)
+    assert [m["step"] for m in merged] == [78, 158] and merged[-1]["test_top1"] == 0.7
+    assert merged[-1]["train_top1"] == pytest.approx(0.8 * 78 / 80)  # weighted by steps, not the last 2 batches
+    assert merged_epochs(records[:2]) == [{**records[0], "steps": 78}, {**records[1], "steps": 78}]

@@ -165,7 +165,8 @@ def cmd_signal(args) -> int:
 def _build_signal(sub) -> None:
     p = sub.add_parser("signal", help="per-block activation and gradient norms, plain vs residual, at init")
     p.add_argument("model", nargs="?", default="resnet56", help="resnet<depth> (its plain twin is added)")
-    p.add_argument("--run", default=None, help="also measure this run's trained model")
+    p.add_argument("--run", action="append", default=None,
+                   help="also measure this run's trained model (repeatable: a trained plain and residual pair)")
     p.add_argument("--depths", default=None, help="comma-separated depths, e.g. 20,56,110 (default: MODEL's and 110)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,9 @@ Plotted against block index (log scale), this is the picture of criticality in R
 a random Jacobian, so the gradient reaching early layers shrinks or grows geometrically with depth, while
 in a residual net ``h_{l+1} = h_l + F(h_l)`` keeps an identity path and the gradient stays within a small
 factor of its value at the top (Veit et al. 2016; Balduzzi et al. 2017, "The Shattered Gradients Problem").
-With ``run``, the trained model of the run is measured the same way on its own data and drawn dashed.
+With ``run`` (one run or several, e.g. a trained ``plain56`` and ``resnet56``), each trained model is measured on a
+batch of its own test images with real labels and BN in eval mode, and drawn dotted: the same comparison after
+training.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def _pair_names(model: str, depths: list[int] | None) -> list[tuple[str, str, di
     return out
 
 
-def signal(model: str = "resnet56", *, run: str | Path | None = None, depths: list[int] | None = None,
+def signal(model: str = "resnet56", *, run: str | Path | list[str | Path] | None = None,
+           depths: list[int] | None = None,
            batch_size: int = 64, seed: int = 0, out: str | Path | None = None, device: str = "cpu",
            num_classes: int = 10) -> dict[str, Any]:
     """Measure and plot per-block signal and gradient RMS of plain vs residual nets at initialisation.
@@ -128,9 +131,9 @@ def signal(model: str = "resnet56", *, run: str | Path | None = None, depths: li
         r = measure_signal(net, x.to(dev), y.to(dev))
         nets.append({"label": label, "model": name, "model_kwargs": kwargs, "state": "init", **r})
         del net
-    if run is not None:
-        nets.append(_trained(run, dev, batch_size, seed))
-    target = Path(out) if out else (analysis_dir(run) if run is not None else Path("runs") / f"signal-{model}")
+    runs = [] if run is None else [run] if isinstance(run, (str, Path)) else list(run)
+    nets.extend(_trained(r, dev, batch_size, seed) for r in runs)
+    target = Path(out) if out else (analysis_dir(runs[0]) if runs else Path("runs") / f"signal-{model}")
     target.mkdir(parents=True, exist_ok=True)
     figure = plot_signal(nets, target / "signal.png")
     result = {"model": model, "batch_size": batch_size, "seed": seed,
@@ -165,8 +168,9 @@ def plot_signal(nets: list[dict], path: Path) -> Path:
     for i, net in enumerate(nets):
         plain = "plain" in net["label"] or net["model_kwargs"].get("shortcut") == "plain"
         trained = net["state"] == "trained"
-        style = dict(color=colours[(i // 2) % len(colours)] if not trained else "k",
-                     ls=":" if trained else ("--" if plain else "-"), lw=1.6, marker="o" if plain else None, ms=2)
+        colour = ("0.55" if plain else "k") if trained else colours[(i // 2) % len(colours)]
+        style = dict(color=colour, ls=":" if trained else ("--" if plain else "-"), lw=1.6,
+                     marker="o" if plain else None, ms=2)
         xs = np.arange(len(net["blocks"]))
         ax_a.plot(xs, net["activation_rms"], label=net["label"], **style)
         ax_g.plot(xs, net["gradient_rms"], label=net["label"], **style)
@@ -178,6 +182,6 @@ def plot_signal(nets: list[dict], path: Path) -> Path:
     ax_g.legend(fontsize=7)
     trained = any(n["state"] == "trained" for n in nets)
     fig.suptitle("per-block signal at initialisation: plain (dashed) vs residual (solid)"
-                 + ("; trained run dotted" if trained else ""), fontsize=10)
+                 + ("; trained runs dotted (plain grey, residual black)" if trained else ""), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -104,9 +104,29 @@ def collect(out: Path) -> dict[str, list[dict[str, Any]]]:
         summary = json.loads(summary_path.read_text())
         if summary.get("status") != "finished":
             continue
-        summary["metrics"] = read_jsonl(summary_path.parent / "metrics.jsonl")
+        summary["metrics"] = merged_epochs(read_jsonl(summary_path.parent / "metrics.jsonl"))
         nets.setdefault(summary["model"], []).append(summary)
     return nets
+
+
+def merged_epochs(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch records with a short final one (a budget in iterations rarely ends on an epoch boundary: 3,200
+    iterations of 78 are 41 epochs and 2 steps) folded into the epoch before, its training error weighted by steps.
+    Otherwise the table's training error would be the error of the last couple of batches."""
+    out: list[dict[str, Any]] = []
+    prev_step = 0
+    for m in metrics:
+        steps = m["step"] - prev_step
+        prev_step = m["step"]
+        full = max((r["steps"] for r in out), default=steps)
+        if out and steps < full / 2:
+            last = out[-1]
+            total = last["steps"] + steps
+            top1 = (last["train_top1"] * last["steps"] + m["train_top1"] * steps) / total
+            out[-1] = {**last, **m, "train_top1": top1, "steps": total}
+        else:
+            out.append({**m, "steps": steps})
+    return out
 
 
 def _depth(name: str) -> int:
