@@ -31,7 +31,7 @@ def test_reproduce_tiny_end_to_end(tmp_path, capsys):
 
     result = reproduce_he2016_cifar(str(data), depths=[20, 32], plain=True, seeds=2, out=out,
                                     overrides={"iterations": 6, "batch_size": 16, "progress": False,
-                                               "eval_every": 1}, command="test")
+                                               "eval_every": 1, "train_fraction": 1.0}, command="test")
     table = json.loads((out / "table.json").read_text())
     names = [r["network"] for r in table["rows"]]
     assert names == ["plain20", "plain32", "resnet20", "resnet32"]
