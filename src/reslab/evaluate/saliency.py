@@ -321,12 +321,13 @@ def _block_layers(block) -> list:
                                       PreActBottleneck)
 
     kind = type(block)
-    if kind is BasicBlock:
-        branch = [_fold_conv_bn(block.conv1, block.bn1), _ReLU(), _fold_conv_bn(block.conv2, block.bn2)]
-        return [*_merge(block, branch, _shortcut(block) if block.use_shortcut else None), _ReLU()]
-    if kind is Bottleneck:
-        branch = [_fold_conv_bn(block.conv1, block.bn1), _ReLU(), _fold_conv_bn(block.conv2, block.bn2), _ReLU(),
-                  _fold_conv_bn(block.conv3, block.bn3)]
+    if kind in (BasicBlock, Bottleneck):  # conv-BN(-ReLU) pairs, the sum, then ReLU
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        if kind is Bottleneck:
+            convs.append((block.conv3, block.bn3))
+        branch = [_fold_conv_bn(*convs[0])]
+        for conv, bn in convs[1:]:
+            branch += [_ReLU(), _fold_conv_bn(conv, bn)]
         return [*_merge(block, branch, _shortcut(block) if block.use_shortcut else None), _ReLU()]
     if kind in (PreActBasicBlock, PreActBottleneck):
         # BN-ReLU first (a standalone per-channel affine layer), each later BN folded into the conv before it;
