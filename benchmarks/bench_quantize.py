@@ -8,8 +8,11 @@ Two cases, as in docs/deploy.md:
    CIFAR-10 training images resized to 224 so activations have realistic ranges; accuracy preservation
    is measured as top-1 *agreement* and relative logit error against fp32 on 200 CIFAR-10 test images
    resized to 224 (there are no labels for 1000 random classes).
+3. ``--resnet50-run RUN``: a *trained* resnet50 at 224x224 (no ImageNet weights exist offline; docs/deploy.md
+   trains one on the built-in digits, ``reslab train --model resnet50 --data digits --image-size 224 ...``):
+   top-1 before/after on that run's test split, as for resnet20.
 
-    python benchmarks/bench_quantize.py --run /tmp/q-cifar --data /tmp/cifar10
+    python benchmarks/bench_quantize.py --run /tmp/q-cifar --data /tmp/cifar10 [--resnet50-run RUN]
 
 Writes benchmarks/results/quantize-<date>.json stamped with environment_info().
 """
@@ -56,7 +59,8 @@ def main() -> None:
     p.add_argument("--data", default="/tmp/cifar10", help="CIFAR-10 ImageFolder (for the resnet50 case)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--calibration-images", type=int, default=512)
-    p.add_argument("--skip", choices=["resnet20", "resnet50"], action="append", default=[])
+    p.add_argument("--resnet50-run", help="a trained resnet50 run at 224x224: top-1 before/after on its test split")
+    p.add_argument("--skip", choices=["resnet20", "resnet50", "resnet50-trained"], action="append", default=[])
     p.add_argument("--work", default="/tmp/bench-quantize", help="scratch folder for the model files")
     args = p.parse_args()
 
@@ -73,6 +77,11 @@ def main() -> None:
         r = resnet50_case(args.data, work / "resnet50", args.repeats, min(args.calibration_images, 64), 200)
         results["cases"]["resnet50_224"] = {k: v for k, v in r.items() if k != "environment"}
         _print("resnet50 / 224x224", r)
+    if args.resnet50_run and "resnet50-trained" not in args.skip:
+        r = quantize(args.resnet50_run, calibration_images=min(args.calibration_images, 64),
+                     out=work / "resnet50-trained", repeats=args.repeats, min_seconds=2.0)
+        results["cases"]["resnet50_224_trained"] = {k: v for k, v in r.items() if k != "environment"}
+        _print("resnet50 / 224x224, trained run", r)
     results["environment"] = environment_info("cpu")
     out = Path(__file__).parent / "results" / f"quantize-{dt.date.today().isoformat()}.json"
     if out.is_file():  # cases measured by an earlier invocation the same day (e.g. --skip) are kept

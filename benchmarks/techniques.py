@@ -64,6 +64,8 @@ def grid(trained_guide: bool) -> list[dict]:
              flags=["--grad-noise", "0.01", "--grad-noise-gamma", "0.55"]),
         dict(name="plain56-gradnoise-0.3", experiments=["gradient_noise"], model="plain56",
              flags=["--grad-noise", "0.3", "--grad-noise-gamma", "0.55"]),
+        dict(name="plain56-gradnoise-1.0", experiments=["gradient_noise"], model="plain56",
+             flags=["--grad-noise", "1.0", "--grad-noise-gamma", "0.55"]),
         dict(name="resnet110", experiments=["stochastic_depth"], model="resnet110", flags=[]),
         dict(name="resnet110-stochdepth-0.5", experiments=["stochastic_depth"], model="resnet110",
              flags=["--drop-path-rate", "0.5"]),

@@ -49,7 +49,8 @@ def test_compile_keeps_accuracy(tmp_path, fp32_accuracy):
 
 
 def test_fast_inference_path_agrees_with_eager():
-    from reslab.bench.infer_speed import agreement, eager_fp32, fast_inference_model
+    from reslab.bench.infer_speed import agreement, eager_fp32
+    from reslab.evaluate.inference import fast_inference_model
     from reslab.models import create_model
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ PREACT = ["preact_resnet20", "preact_resnet32", "preact_resnet44", "preact_resne
           "preact_resnet164", "preact_resnet1001", "preact_resnet18", "preact_resnet50"]
 WIDE = ["wrn16_4", "wrn28_10", "wrn40_4", "wide_resnet50_2"]
 NEW_MODELS = PREACT + WIDE + ["resnext29_8x64d", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v2_cifar",
-                              "inception_resnet_v2", "inception_resnet_cifar", "simplenet"]
+                              "inception_resnet_v2", "inception_resnet_cifar", "simplenet", "resnet9"]
 # Small inputs for the shape/gradient checks: 64x64 for ImageNet nets, 75x75 (the smallest valid size) for
 # Inception-ResNet-v2's unpadded stem, 16x16 for the heaviest CIFAR nets.
 SMALL_INPUT = {"inception_resnet_v2": 75, "wrn28_10": 16, "resnext29_8x64d": 16, "preact_resnet1001": 16}
@@ -80,7 +80,7 @@ EXACT_PARAMS = {
     "wrn16_4": 2_748_890, "wrn28_10": 36_479_194, "wrn40_4": 8_949_210, "wide_resnet50_2": 68_883_240,
     "resnext29_8x64d": 34_426_698, "resnext50_32x4d": 25_028_904, "mobilenet_v2": 3_504_872,
     "mobilenet_v2_cifar": 2_236_682, "inception_resnet_v2": 55_843_464, "inception_resnet_cifar": 1_463_482,
-    "simplenet": 5_493_834,
+    "simplenet": 5_493_834, "resnet9": 6_573_130,
 }
 PAPER_PARAMS_M = {  # millions, as printed in the papers
     "preact_resnet164": 1.7,  # He et al. 2016b, Table 3
@@ -181,6 +181,20 @@ def test_wide_resnet_widths_and_dropout():
     with pytest.raises(ValueError, match="6n\\+4"):
         from reslab.models.wide_resnet import wide_resnet_cifar
         wide_resnet_cifar(30, 2)
+
+
+def test_resnet9_layout_and_width():
+    """Page 2018: 64 -> 128 (+residual) -> 256 -> 512 (+residual), max-pool halving the map in each layer."""
+    model = create_model("resnet9")
+    assert [(s.channels, s.reduction) for s in model.stage_info] == [(128, 2), (256, 4), (512, 8)]
+    assert [len(_blocks(getattr(model, s.name))) for s in model.stage_info] == [1, 0, 1]
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 4, 4)
+    half = create_model("resnet9", width=0.5)
+    assert [s.channels for s in half.stage_info] == [64, 128, 256] and half.num_features == 256
+    assert count_params(half) < count_params(model) / 3.9  # conv weights scale with width^2
+    with pytest.raises(ValueError, match="width"):
+        create_model("resnet9", width=0)
 
 
 def test_resnext29_cardinality():

@@ -66,6 +66,11 @@ def test_short_budget_keeps_the_schedule_shape():
         assert cfg.milestones == [cfg.iterations // 2, cfg.iterations * 3 // 4]
         # the paper's recipe otherwise; a stratified subset keeps the CPU budget
         assert cfg.batch_size == 128 and cfg.lr == 0.1 and cfg.train_fraction == BUDGETS["short"].train_fraction
+        # every network warms up linearly over the budget's first iterations, then follows the steps
+        lr = lambda s: cfg.lr * lr_multiplier(s, cfg.iterations, cfg)  # noqa: E731
+        warm = BUDGETS["short"].warmup_iters
+        assert cfg.warmup_iters == warm and lr(0) == pytest.approx(0.1 / warm) and lr(warm) == 0.1
+        assert lr(cfg.iterations // 2) == pytest.approx(0.01)
     assert [n for n, _, _ in runs] == ["plain56", "resnet56"]
 
 

@@ -2,14 +2,9 @@
 reslab's fast inference path, measured side by side (interleaved, median of several repetitions), with the
 prediction agreement of each path against eager fp32 on real images.
 
-reslab's fast path (:func:`fast_inference_model`), in the order the optimisations apply:
-
-1. BatchNorm folded into the preceding convolution (inference only: the eval-mode affine map is constant);
-2. channels_last (NHWC) memory format, the layout oneDNN's convolutions run natively;
-3. bf16 weights and activations on CPUs with native bf16 dot products (AVX512-BF16 / AMX), logits in fp32;
-4. TorchScript trace + ``torch.jit.freeze``, which removes the Python overhead per layer (this is what makes
-   batch-1 latency fast) and lets oneDNN fuse conv + add + ReLU; or ``torch.compile`` (inductor, with
-   freezing) when ``compile=True``.
+reslab's fast path is :func:`reslab.evaluate.inference.fast_inference_model` (BN folded, channels_last, bf16,
+frozen TorchScript), the path ``reslab predict`` and ``reslab serve`` use on a CPU; each of its steps is timed
+here on its own.
 
 Every variant's agreement with eager fp32 is reported; the fastest variant whose top-1 moves by at most
 ``max_top1_change`` (0.1 points by default) on the check images is the one reported as "reslab best".
@@ -19,7 +14,6 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,62 +21,9 @@ import torch
 import torch.nn as nn
 
 from reslab.bench import format_table, loadavg, median_rate, set_threads, time_calls, write_result
+from reslab.evaluate.inference import fast_inference_model
 
 MODELS = {"resnet20": 32, "resnet50": 224}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The fast path
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with every BatchNorm2d that directly follows a Conv2d folded into it.
-
-    Folding (Ioffe & Szegedy 2015, §3.2: at inference BN is a fixed affine map) is done with torch.fx, so
-    any model the tracer reads works; a model it cannot trace is returned unchanged (still correct).
-    """
-    from torch.fx.experimental.optimization import fuse
-
-    model = copy.deepcopy(model).eval()
-    try:
-        return fuse(model)
-    except Exception:  # not symbolically traceable: BN stays (jit.freeze folds it later)
-        return model
-
-
-def fast_inference_model(model: nn.Module, example: torch.Tensor, *, bf16: bool = True, script: bool = True,
-                         compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model`` prepared for CPU inference: a callable from an fp32 NCHW batch to fp32 logits.
-
-    ``bf16``: run weights and activations in bfloat16 (check the agreement: :func:`agreement`).
-    ``script``: trace and freeze with TorchScript (removes per-layer Python overhead).
-    ``compile``: use ``torch.compile`` (inductor, weight freezing) instead of TorchScript.
-    """
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    net = fold_batchnorm(model).to(memory_format=torch.channels_last).to(dtype)
-    example = example.to(dtype).contiguous(memory_format=torch.channels_last)
-    if compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # fold weights as constants and pre-pack them for oneDNN
-        compiled = torch.compile(net)
-        with torch.no_grad():
-            compiled(example)
-        runner = compiled
-    elif script:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            runner = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
-            runner(example)
-            runner(example)  # the profiling executor optimises on the second call
-    else:
-        runner = net
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return runner(x.to(dtype).contiguous(memory_format=torch.channels_last)).float()
-
-    return run
 
 
 def eager_fp32(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -191,6 +191,7 @@ class ModelRunner:
 
     def __init__(self, run: str | Path, *, device: str = "auto", amp: str = "auto"):
         from reslab.evaluate.calibration import stored_temperature
+        from reslab.evaluate.inference import inference_runner
         from reslab.train.checkpoint import find_checkpoint, load_model
         from reslab.train.engine import autocast_dtype, select_device
 
@@ -205,6 +206,11 @@ class ModelRunner:
         self.stored_size = tuple(int(v) for v in prep["stored_size"])
         self.channels = int(prep["channels"])
         self.cam_layer = self.model.stage_info[-1].name
+        # Predictions run reslab's inference path (on a CPU: BN folded, NHWC, bf16 if amp allows, frozen);
+        # Grad-CAM needs gradients, so it keeps the loaded model.
+        h, w = (int(v) for v in prep["input_size"])
+        example = torch.zeros(1, self.channels, h, w, device=self.device)
+        self.forward = inference_runner(self.model, example, device=self.device, amp_dtype=self.amp_dtype)
 
     def _batch(self, images: list[np.ndarray]) -> torch.Tensor:
         from reslab.data import ImageArray
@@ -217,10 +223,8 @@ class ModelRunner:
     def probabilities(self, images: list[np.ndarray]) -> torch.Tensor:
         """Softmax probabilities of ``logits / temperature`` (N, num_classes) on the CPU, in one forward pass."""
         with torch.inference_mode():
-            x = self._batch(images)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(x)
-            return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+            logits = self.forward(self._batch(images))
+            return torch.softmax(logits / self.temperature, dim=1).cpu()
 
     def grad_cam(self, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int, torch.Tensor]:
         """Grad-CAM of one decoded image for class ``target`` (default: the top-1), in full precision.

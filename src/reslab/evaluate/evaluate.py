@@ -78,11 +78,14 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
 
 def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device: str = "auto",
             amp: str = "auto") -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for each image file, using the preprocessing stored with the model."""
+    """Top-k classes with probabilities for each image file, using the preprocessing stored with the model.
+
+    Runs reslab's inference path (``reslab.evaluate.inference``: on a CPU, BN folded, channels_last, bf16 where
+    ``amp`` allows, frozen TorchScript)."""
     from reslab.data import ImageArray
     from reslab.data.sources import decode_image
-
     from reslab.evaluate.calibration import stored_temperature
+    from reslab.evaluate.inference import inference_runner
 
     dev = select_device(device)
     model, card = load_model(run, device=dev)
@@ -94,12 +97,12 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
     k = min(topk, card["num_classes"])
     results = []
     amp_dtype = autocast_dtype(dev, amp)
-    with torch.no_grad():
-        probs = []
-        for x, _ in model_loader(card, batch, device=dev, batch_size=64):
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                probs.append(torch.softmax(model(x).float() / temperature, dim=1).cpu())
-        probs = torch.cat(probs)
+    runner = None
+    probs = []
+    for x, _ in model_loader(card, batch, device=dev, batch_size=64):
+        runner = runner or inference_runner(model, x, device=dev, amp_dtype=amp_dtype)
+        probs.append(torch.softmax(runner(x) / temperature, dim=1).cpu())
+    probs = torch.cat(probs)
     for path, p in zip(images, probs):
         values, idx = p.topk(k)
         results.append({"file": str(path),

@@ -5,7 +5,7 @@ from .registry import create_model, list_models, model_entry, register_model
 
 # Family modules register their builders on import.
 from . import resnet, resnet_cifar  # noqa: E402,F401  (isort: skip)
-from . import inception_resnet, mobilenet_v2, preact_resnet, resnext, simplenet, wide_resnet  # noqa: E402,F401
+from . import inception_resnet, mobilenet_v2, preact_resnet, resnet9, resnext, simplenet, wide_resnet  # noqa: E402,F401
 
 __all__ = [
     "ClassifierNet",
