@@ -210,7 +210,7 @@ class ModelRunner:
         # Grad-CAM needs gradients, so it keeps the loaded model.
         h, w = (int(v) for v in prep["input_size"])
         example = torch.zeros(1, self.channels, h, w, device=self.device)
-        self.forward = inference_runner(self.model, example, device=self.device, amp_dtype=self.amp_dtype)
+        self.logits_of = inference_runner(self.model, example, device=self.device, amp_dtype=self.amp_dtype)
 
     def _batch(self, images: list[np.ndarray]) -> torch.Tensor:
         from reslab.data import ImageArray
@@ -223,7 +223,7 @@ class ModelRunner:
     def probabilities(self, images: list[np.ndarray]) -> torch.Tensor:
         """Softmax probabilities of ``logits / temperature`` (N, num_classes) on the CPU, in one forward pass."""
         with torch.inference_mode():
-            logits = self.forward(self._batch(images))
+            logits = self.logits_of(self._batch(images))
             return torch.softmax(logits / self.temperature, dim=1).cpu()
 
     def grad_cam(self, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int, torch.Tensor]:
