@@ -16,6 +16,7 @@ at useful batch sizes, and cuDNN picks its own layouts).
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Callable
 
@@ -29,8 +30,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     Folding (Ioffe & Szegedy 2015, §3.2: at inference BN is a fixed affine map) is done with torch.fx, so
     any model the tracer reads works; a model it cannot trace is returned unchanged (still correct).
     """
-    import inspect
-
     from torch.fx.experimental.optimization import fuse
 
     model = copy.deepcopy(model).eval()
