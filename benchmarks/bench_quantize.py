@@ -59,17 +59,32 @@ def main() -> None:
     p.add_argument("--data", default="/tmp/cifar10", help="CIFAR-10 ImageFolder (for the resnet50 case)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--bias-correction", action="store_true", help="empirical bias correction of the int8 models")
+    p.add_argument("--bias-correction-images", type=int, default=None,
+                   help="calibration images used for bias correction (default: all)")
+    p.add_argument("--qat-epochs", type=int, default=0,
+                   help="quantization-aware fine-tuning epochs before quantizing the trained runs (not the random-init one)")
+    p.add_argument("--qat-lr", type=float, default=None, help="peak QAT lr (default: the run's lr / 100)")
+    p.add_argument("--qat-images", type=int, default=None, help="training images per QAT epoch (default: all)")
+    p.add_argument("--qat-batch-size", type=int, default=None,
+                   help="QAT batch size (default: the run's; resnet50 at 224 uses at most 16 to stay within memory)")
     p.add_argument("--resnet50-run", help="a trained resnet50 run at 224x224: top-1 before/after on its test split")
     p.add_argument("--skip", choices=["resnet20", "resnet50", "resnet50-trained"], action="append", default=[])
     p.add_argument("--work", default="/tmp/bench-quantize", help="scratch folder for the model files")
+    p.add_argument("--tag", default="", help="suffix for the case names in the result file (keeps earlier cases)")
     args = p.parse_args()
 
     results = {"benchmark": "bench_quantize", "threads": torch.get_num_threads(), "cases": {}}
     work = Path(args.work)
+    qat = {"qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr, "qat_images": args.qat_images,
+           "qat_batch_size": args.qat_batch_size}
     if "resnet20" not in args.skip:
         r = quantize(args.run, calibration_images=args.calibration_images, out=work / "resnet20",
-                     repeats=args.repeats, min_seconds=1.0)
-        results["cases"]["resnet20_cifar10"] = {k: v for k, v in r.items() if k != "environment"}
+                     repeats=args.repeats, min_seconds=1.0, bias_correction=args.bias_correction,
+                     bias_correction_images=args.bias_correction_images, **qat)
+        r["threads"] = torch.get_num_threads()
+        key = "resnet20_cifar10" + ("_qat" if args.qat_epochs else "") + args.tag
+        results["cases"][key] = {k: v for k, v in r.items() if k != "environment"}
         _print("resnet20 / CIFAR-10", r)
     if "resnet50" not in args.skip:
         # ONNX Runtime's calibrator keeps every intermediate tensor of every calibration batch in memory:
@@ -79,8 +94,12 @@ def main() -> None:
         _print("resnet50 / 224x224", r)
     if args.resnet50_run and "resnet50-trained" not in args.skip:
         r = quantize(args.resnet50_run, calibration_images=min(args.calibration_images, 64),
-                     out=work / "resnet50-trained", repeats=args.repeats, min_seconds=2.0)
-        results["cases"]["resnet50_224_trained"] = {k: v for k, v in r.items() if k != "environment"}
+                     out=work / "resnet50-trained", repeats=args.repeats, min_seconds=2.0,
+                     bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
+                     **{**qat, "qat_batch_size": min(args.qat_batch_size or 16, 16)})
+        r["threads"] = torch.get_num_threads()
+        key = "resnet50_224_trained" + ("_qat" if args.qat_epochs else "") + args.tag  # keep earlier figures
+        results["cases"][key] = {k: v for k, v in r.items() if k != "environment"}
         _print("resnet50 / 224x224, trained run", r)
     results["environment"] = environment_info("cpu")
     out = Path(__file__).parent / "results" / f"quantize-{dt.date.today().isoformat()}.json"

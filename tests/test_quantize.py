@@ -57,3 +57,141 @@ def test_quantize_cli(digits_run, tmp_path, capsys):
     report = json.loads((tmp_path / "c" / "quantize.json").read_text())
     assert set(report["throughput"]) == {"fp32_eager", "bf16_eager", "fp32_onnxruntime", "int8_onnxruntime"}
     assert main(["quantize", str(digits_run), "--calibration-images", "0"]) == 2
+
+
+def test_bias_correction_removes_the_mean_shift(digits_run, tmp_path):
+    """Empirical bias correction (Nagel et al. 2019, sec. 4.2): after it, the first conv's per-channel output mean in
+    the int8 model matches fp32 on the calibration images (up to the int32 bias step), and the report says so."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from reslab.deploy.quantize import _channel_means, bias_correct_onnx
+
+    r = quantize(digits_run, calibration_images=64, eval_images=100, out=tmp_path / "q", bench=False)
+    assert r["method"]["bias_correction"] is False
+    int8, fp32 = tmp_path / "q" / "model.int8.onnx", tmp_path / "q" / "model.fp32.onnx"
+    prep = tmp_path / "prep.onnx"
+    quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
+    card = json.loads((tmp_path / "q" / "model.json").read_text())
+    h, w = card["preprocessing"]["input_size"]
+    batches = [torch.randn(8, 1, h, w) for _ in range(2)]
+    fp, q = onnx.load(str(prep)), onnx.load(str(int8))
+    first = next(n for n in q.graph.node if n.op_type == "Conv")
+    ref_name = next(n.output[0] for n in fp.graph.node if n.name == first.name)
+    feeds = [b.numpy() for b in batches]
+    before = np.abs(_channel_means(q, [first.output[0]], feeds, "input")[0] -
+                    _channel_means(fp, [ref_name], feeds, "input")[0]).max()
+    info = bias_correct_onnx(prep, int8, batches)
+    assert info["convs_corrected"] >= 1 and info["images"] == 16
+    q = onnx.load(str(int8))
+    after = np.abs(_channel_means(q, [first.output[0]], feeds, "input")[0] -
+                   _channel_means(fp, [ref_name], feeds, "input")[0]).max()
+    assert after <= before + 1e-6 and after < 1e-3, (before, after)
+    assert torch.isfinite(onnx_logits(int8, [torch.randn(2, 1, h, w)])).all()
+
+
+def test_quantize_with_bias_correction_reports_it(digits_run, tmp_path):
+    from reslab.cli import main
+
+    code = main(["quantize", str(digits_run), "--calibration-images", "64", "--eval-images", "100", "--no-bench",
+                 "--bias-correction", "--bias-correction-images", "32", "--out", str(tmp_path / "c")])
+    assert code == 0
+    report = json.loads((tmp_path / "c" / "quantize.json").read_text())
+    bc = report["method"]["bias_correction"]
+    assert bc["images"] == 32 and bc["convs_corrected"] > 0
+    assert report["accuracy"]["top1_drop_points"] <= 2.0, report["accuracy"]
+    assert not (tmp_path / "c" / "model.fp32.prep.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization-aware fine-tuning (reslab.deploy.qat)
+
+
+def test_weight_fake_quant_is_per_channel_symmetric_int8_with_straight_through_gradient():
+    from reslab.deploy.qat import fake_quant_weight
+
+    torch.manual_seed(0)
+    w = (torch.randn(8, 4, 3, 3) * torch.logspace(-3, 1, 8).view(-1, 1, 1, 1)).requires_grad_()
+    q = fake_quant_weight(w)
+    scale = w.detach().abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 127
+    expected = torch.clamp(torch.round(w.detach() / scale), -127, 127) * scale
+    torch.testing.assert_close(q.detach(), expected, rtol=0, atol=0)
+    assert ((q.detach() / scale).round().abs() <= 127).all()
+    assert len(torch.unique((q.detach()[0] / scale[0]).round())) > 20  # really 8-bit levels
+    q.sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones_like(w))  # straight-through
+
+
+def test_fake_quant_graph_simulates_onnxruntime_int8(digits_run, tmp_path):
+    """With its observers calibrated on the same images, the fake-quant graph quantizes the same tensors with the
+    same scales as ONNX Runtime's int8 model, and its logits follow ONNX Runtime's closer than fp32's do (what
+    remains are single-step rounding differences at ties, which grow with depth)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from reslab.deploy.qat import ActivationFakeQuant, calibrate, prepare_qat
+    from reslab.deploy.quantize import _split_batches, torch_logits
+    from reslab.evaluate.evaluate import load_data_for_model
+    from reslab.train.checkpoint import load_model
+
+    quantize(digits_run, calibration_images=64, eval_images=100, out=tmp_path / "q", bench=False)
+    model, card = load_model(digits_run)
+    splits = load_data_for_model(card, None)
+    calibration, _ = _split_batches(splits.train, card, 64, batch_size=64, seed=0)  # what quantize() used
+    evaluation, _ = _split_batches(splits.test, card, 100, batch_size=50, seed=0)
+    gm, observers = prepare_qat(model)
+    calibrate(gm.eval(), observers, calibration)
+    graph = onnx.load(str(tmp_path / "q" / "model.int8.onnx")).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    ort_scales = sorted({float(init[n.input[1]]) for n in graph.node
+                         if n.op_type == "QuantizeLinear" and init[n.input[1]].size == 1})
+    ours = sorted({float(fq.qparams()[0]) for fq in observers})
+    assert len(ours) == len(ort_scales) and np.allclose(ours, ort_scales, rtol=1e-4), (ours, ort_scales)
+    assert not any(isinstance(m, ActivationFakeQuant) for m in model.modules())  # the model itself is untouched
+    with torch.no_grad():
+        fake = torch.cat([gm(x) for x in evaluation])
+    ort = onnx_logits(tmp_path / "q" / "model.int8.onnx", evaluation)
+    fp32 = torch_logits(model, evaluation)
+    assert agreement(ort, fake)["top1_agreement"] >= 0.98
+    assert (fake - ort).norm() < (fp32 - ort).norm()
+
+
+def test_qat_finetune_returns_the_plain_model(digits_run):
+    from reslab.deploy.qat import qat_finetune
+    from reslab.deploy.quantize import _split_batches
+    from reslab.evaluate.evaluate import load_data_for_model
+    from reslab.train.checkpoint import load_model
+
+    model, card = load_model(digits_run)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    splits = load_data_for_model(card, None)
+    xs, ys = _split_batches(splits.train, card, 128, batch_size=32)
+    lines = []
+    tuned, info = qat_finetune(model, list(zip(xs, ys.split(32))), epochs=2, lr=0.01, log=lines.append)
+    assert list(tuned.state_dict()) == list(before)  # no fake-quant modules or observers left behind
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input model is a copy
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.state_dict().items())
+    bn = [k for k in before if k.endswith("running_mean")]
+    assert bn and all(torch.equal(tuned.state_dict()[k], before[k]) for k in bn)  # BN statistics frozen
+    assert len(lines) == 2 and info["epochs"] == 2 and info["steps"] == 8 and info["images_per_epoch"] == 128
+    assert info["observers_frozen_after_step"] == 6 and info["activation_sites"] > 10
+
+
+def test_quantize_with_qat_from_the_cli_reports_it(digits_run, tmp_path, capsys):
+    from reslab.cli import main
+
+    code = main(["quantize", str(digits_run), "--calibration-images", "64", "--eval-images", "100", "--no-bench",
+                 "--qat-epochs", "1", "--qat-images", "256", "--qat-lr", "0.002", "--out", str(tmp_path / "c")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "qat epoch 1/1" in out and "before QAT" in out
+    report = json.loads((tmp_path / "c" / "quantize.json").read_text())
+    qat = report["method"]["qat"]
+    assert qat["epochs"] == 1 and qat["lr"] == 0.002 and qat["train_images"] == 256 and qat["images_per_epoch"] == 256
+    assert "int8" in qat["fake_quant"]["weights"] and "uint8" in qat["fake_quant"]["activations"]
+    acc = report["accuracy"]
+    assert acc["top1_drop_points_vs_before_qat"] <= 2.0, acc
+    card = json.loads((tmp_path / "c" / "model.json").read_text())
+    assert card["quantization"]["qat"]["epochs"] == 1
+    assert main(["quantize", str(digits_run), "--qat-epochs", "-1"]) == 2

@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from reslab.evaluate import evaluate
 
     r = evaluate(args.run, args.data, split=args.split, device=args.device, batch_size=args.batch_size,
-                 amp=args.amp, tta_flip=args.tta_flip, out=args.out)
+                 amp=args.amp, tta_flip=args.tta_flip, tta_shift=args.tta_shift, out=args.out)
     print(f"{r['split']}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  loss {r['loss']:.4f}  "
           f"({r['count']} images)  -> {r['written_to']}")
     return 0
@@ -204,6 +204,8 @@ def _build_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--tta-flip", action="store_true", help="average over the image and its mirror")
+    p.add_argument("--tta-shift", type=int, default=0, metavar="N",
+                   help="also average over copies translated by +-N pixels (multi-crop TTA; 0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast for inference (auto: bf16 where the hardware runs it fast; off: fp32)")
     p.add_argument("--out", default=None, help="JSON output path (default: RUN/eval-<split>.json)")

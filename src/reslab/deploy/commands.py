@@ -48,9 +48,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from reslab.deploy.quantize import quantize
 
     r = quantize(args.run, args.data, calibration_images=args.calibration_images, eval_images=args.eval_images,
-                 out=args.out, method=args.calibration, bench=not args.no_bench, repeats=args.repeats)
+                 out=args.out, method=args.calibration, bench=not args.no_bench, repeats=args.repeats,
+                 bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
+                 qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_images=args.qat_images,
+                 qat_batch_size=args.qat_batch_size)
     acc = r.get("accuracy", {})
-    print(f"top-1 fp32 {100 * acc['top1_fp32']:.2f}%  int8 {100 * acc['top1_int8']:.2f}%  "
+    before = (f"fp32 before QAT {100 * acc['top1_fp32_before_qat']:.2f}%, after "
+              if "top1_fp32_before_qat" in acc else "fp32 ")
+    print(f"top-1 {before}{100 * acc['top1_fp32']:.2f}%  int8 {100 * acc['top1_int8']:.2f}%  "
           f"(agreement {100 * acc['top1_agreement']:.2f}%, {acc['count']} test images)")
     if "throughput" in r:
         tp = r["throughput"]
@@ -67,6 +72,17 @@ def _build_quantize(sub) -> None:
     p.add_argument("--calibration-images", type=int, default=512, help="training images used for calibration")
     p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="how activation ranges are chosen from the calibration images")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="empirical bias correction of the int8 model (Nagel et al. 2019, sec. 4.2): remove the "
+                        "per-channel mean shift quantization causes at every conv; one calibration pass per conv")
+    p.add_argument("--bias-correction-images", type=int, default=None,
+                   help="calibration images used for bias correction (default: all calibration images)")
+    p.add_argument("--qat-epochs", type=int, default=0,
+                   help="quantization-aware fine-tuning first: K epochs on the run's training data with int8 "
+                        "weights and uint8 activations simulated (fake quantization, straight-through gradients)")
+    p.add_argument("--qat-lr", type=float, default=None, help="peak QAT lr, cosine to 0 (default: the run's lr / 100)")
+    p.add_argument("--qat-images", type=int, default=None, help="training images per QAT epoch (default: all)")
+    p.add_argument("--qat-batch-size", type=int, default=None, help="QAT batch size (default: the run's)")
     p.add_argument("--eval-images", type=int, default=None, help="test images compared (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per throughput (median reported)")
     p.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")

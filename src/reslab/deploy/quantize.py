@@ -16,6 +16,8 @@ side by side (median of several timed repetitions).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -96,6 +98,93 @@ class _BatchReader:
         raise NotImplementedError
 
 
+def _channel_means(model, names: list[str], batches: list[np.ndarray], input_name: str) -> list[np.ndarray]:
+    """Per-channel means (over batch and spatial positions) of the tensors ``names`` of an ONNX model, run
+    unoptimised (so a QDQ graph executes as quantize -> dequantize -> float op, the tensors stay visible)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sums = [0.0] * len(names)
+    for x in batches:
+        for i, out in enumerate(sess.run(names, {input_name: x})):
+            sums[i] = sums[i] + out.astype(np.float64).mean(axis=tuple(d for d in range(out.ndim) if d != 1))
+    return [s / len(batches) for s in sums]
+
+
+def bias_correct_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[torch.Tensor]) -> dict:
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and
+    Bias Correction", §4.2, empirical variant) of a QDQ int8 model, in place.
+
+    Quantization errors of weights and activations do not average out: their mean per output channel shifts
+    every convolution's output (for images with large uniform areas the rounding error is the same at many
+    positions, so the shift survives global pooling). For each Conv in topological order, the per-channel
+    mean of its output in the int8 model (upstream convs already corrected) is compared with the fp32
+    model's on the same calibration images, and the difference is subtracted from the int32 bias. Sequential,
+    so each conv sees the corrected network before it. Cost: one forward pass of the calibration images per conv.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    batches = [x.contiguous().numpy().astype(np.float32) for x in calibration]
+    fp32, q = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
+    input_name = fp32.graph.input[0].name
+    fp32_out = {n.name: n.output[0] for n in fp32.graph.node if n.op_type == "Conv" and n.name}
+    init = {i.name: i for i in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    convs = []
+    for node in q.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or node.name not in fp32_out:
+            continue
+        dq = producer.get(node.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in init or dq.input[1] not in init:
+            continue  # bias not stored as an int32 initializer (e.g. an excluded node): nothing to correct
+        convs.append((node, init[dq.input[0]], numpy_helper.to_array(init[dq.input[1]]).astype(np.float64)))
+    reference = _channel_means(fp32, [fp32_out[n.name] for n, _, _ in convs], batches, input_name)
+    largest = 0.0
+    for (node, bias, scale), ref in zip(convs, reference):
+        shift = _channel_means(q, [node.output[0]], batches, input_name)[0] - ref
+        corrected = numpy_helper.to_array(bias).astype(np.int64) - np.round(shift / scale).astype(np.int64)
+        info = np.iinfo(np.int32)
+        bias.CopyFrom(numpy_helper.from_array(np.clip(corrected, info.min, info.max).astype(np.int32), bias.name))
+        largest = max(largest, float(np.abs(shift).max()))
+    onnx.save(q, str(int8_path))
+    return {"convs_corrected": len(convs), "largest_mean_shift_removed": largest,
+            "images": int(sum(b.shape[0] for b in batches))}
+
+
+@contextlib.contextmanager
+def _calibration_threads(threads: int):
+    """ONNX Runtime's calibrator opens its session with default options, i.e. one thread per core; hold it to
+    ``threads`` intra-op threads like every other session here (a shared CPU)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import calibrate
+
+    original = calibrate.CalibraterBase.create_inference_session
+
+    def create_inference_session(self):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.intra_op_num_threads = threads
+        self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=opts,
+                                                  providers=self.execution_providers)
+
+    calibrate.CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        calibrate.CalibraterBase.create_inference_session = original
+
+
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[torch.Tensor], *,
                   method: str = "minmax", per_channel: bool = True) -> Path:
     """Static int8 quantization of an ONNX model (QDQ format; int8 symmetric per-channel weights, uint8
@@ -108,15 +197,18 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
     # Shape inference and ORT's basic graph optimisations (Conv+BN fusion), so the quantiser sees fused convs.
+    calibration = list(calibration)
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    session = onnx_session(prepared)
+    session = onnx_session(prepared, threads=torch.get_num_threads())
     reader = _BatchReader(calibration, session.get_inputs()[0].name)
     del session
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
-    quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    with _calibration_threads(torch.get_num_threads()):
+        quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=calibrate, extra_options={"ActivationSymmetric": False,
+                                                                   "WeightSymmetric": True})
     prepared.unlink(missing_ok=True)
     return int8_path
 
@@ -151,7 +243,8 @@ def agreement(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor
 def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
                    calibration: list[torch.Tensor], evaluation: list[torch.Tensor] | None = None,
                    labels: torch.Tensor | None = None, *, method: str = "minmax", bench_batch: torch.Tensor | None = None,
-                   repeats: int = 5, min_seconds: float = 0.5) -> dict[str, Any]:
+                   repeats: int = 5, min_seconds: float = 0.5, bias_correction: bool = False,
+                   bias_correction_images: int | None = None) -> dict[str, Any]:
     """Quantize ``model`` to ``out/model.int8.onnx`` and return a report (accuracy and throughput).
 
     ``calibration``: normalised batches (training images); ``evaluation``/``labels``: test batches for the
@@ -165,12 +258,24 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     t0 = time.perf_counter()
     export_onnx(model, example, fp32_path, dynamic_batch=True)
     quantize_onnx(fp32_path, int8_path, calibration, method=method)
+    bias_info, before_bias_correction = None, None
+    if bias_correction and evaluation and labels is not None:  # what bias correction adds, on the test images
+        before_bias_correction = float((onnx_logits(int8_path, evaluation).argmax(1) == labels).float().mean())
+    if bias_correction:  # on the first bias_correction_images calibration images, in batches of 16
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        prepared = out / "model.fp32.prep.onnx"  # BN fused as in the int8 graph, so conv outputs correspond
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        images = torch.cat(calibration)[:bias_correction_images]
+        bias_info = bias_correct_onnx(prepared, int8_path, list(images.split(16)))
+        prepared.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     report: dict[str, Any] = {
         "model": card.get("model"),
         "method": {"runtime": "onnxruntime", "format": "QDQ", "weights": "int8 symmetric per-channel",
                    "activations": "uint8 asymmetric per-tensor", "calibration": method,
-                   "calibration_images": int(sum(b.shape[0] for b in calibration))},
+                   "calibration_images": int(sum(b.shape[0] for b in calibration)),
+                   "bias_correction": bias_info or False},
         "files": {"int8": int8_path.name, "fp32": fp32_path.name},
         "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
         "quantize_seconds": seconds,
@@ -184,6 +289,8 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
             report["accuracy"]["top1_int8"] = report["accuracy"].pop("top1_other")
             report["accuracy"]["top1_drop_points"] = 100 * (report["accuracy"]["top1_fp32"] -
                                                              report["accuracy"]["top1_int8"])
+            if before_bias_correction is not None:
+                report["accuracy"]["top1_int8_before_bias_correction"] = before_bias_correction
     if bench_batch is not None:
         tp = compare_throughput(model, fp32_path, int8_path, bench_batch, repeats=repeats, min_seconds=min_seconds)
         base = tp["fp32_eager"]["images_per_s"]
@@ -203,16 +310,23 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     return report
 
 
-def _split_batches(images, card: dict, limit: int | None, batch_size: int, seed: int = 0):
-    """Normalised CPU batches (and labels) of at most ``limit`` images of an ImageArray, a seeded random subset."""
+def _subset(images, limit: int | None, seed: int = 0):
+    """At most ``limit`` images of an ImageArray: a seeded random subset (in their original order)."""
     from reslab.data import ImageArray
-    from reslab.evaluate.evaluate import model_loader
 
     n = len(images.labels)
     if limit is not None and limit < n:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
         images = ImageArray(images=images.images[idx], labels=images.labels[idx],
                             files=[images.files[i] for i in idx] if images.files else images.files)
+    return images
+
+
+def _split_batches(images, card: dict, limit: int | None, batch_size: int, seed: int = 0):
+    """Normalised CPU batches (and labels) of at most ``limit`` images of an ImageArray, a seeded random subset."""
+    from reslab.evaluate.evaluate import model_loader
+
+    images = _subset(images, limit, seed)
     xs, ys = [], []
     for x, y in model_loader(card, images, device=torch.device("cpu"), batch_size=batch_size):
         xs.append(x.float().contiguous())
@@ -223,11 +337,19 @@ def _split_batches(images, card: dict, limit: int | None, batch_size: int, seed:
 def quantize(run: str | Path, data: str | None = None, *, calibration_images: int = 512,
              eval_images: int | None = None, out: str | Path | None = None, method: str = "minmax",
              bench: bool = True, bench_batch_size: int | None = None, repeats: int = 5,
-             min_seconds: float = 0.5, seed: int = 0) -> dict[str, Any]:
+             min_seconds: float = 0.5, seed: int = 0, bias_correction: bool = False,
+             bias_correction_images: int | None = None, qat_epochs: int = 0, qat_lr: float | None = None,
+             qat_images: int | None = None, qat_batch_size: int | None = None) -> dict[str, Any]:
     """``reslab quantize RUN``: int8 model + report in ``RUN/quantized`` (or ``out``).
 
     Calibrates on ``calibration_images`` random training images of ``data`` (default: the run's data),
     compares top-1 on the test split (``eval_images`` of them, default all), and times fp32/bf16/int8.
+    ``bias_correction``: empirical bias correction of the int8 model (:func:`bias_correct_onnx`) on the first
+    ``bias_correction_images`` calibration images (default all of them).
+    ``qat_epochs``: first fine-tune the model for that many epochs with simulated int8 quantization
+    (:func:`reslab.deploy.qat.qat_finetune`) on the run's training data (``qat_images`` random images of it,
+    default all), SGD with cosine decay from ``qat_lr`` (default: the run's lr / 100), batch ``qat_batch_size``
+    (default: the run's), the run's augmentation; the fine-tuned fp32 model then takes the same path.
     """
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import find_checkpoint, load_model
@@ -238,8 +360,15 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     ckpt = find_checkpoint(run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     out = Path(out) if out else run_dir / "quantized"
+    if qat_epochs < 0:
+        raise ValueError(f"--qat-epochs must be >= 0, got {qat_epochs}")
     splits = load_data_for_model(card, data)
+    qat_info = None
     calibration, _ = _split_batches(splits.train, card, calibration_images, batch_size=64, seed=seed)
+    if qat_epochs:
+        original = model
+        model, qat_info = _qat(model, card, run_dir, splits.train, epochs=qat_epochs, lr=qat_lr, images=qat_images,
+                               batch_size=qat_batch_size, seed=seed, calibration=calibration)
     evaluation, labels = _split_batches(splits.test, card, eval_images, batch_size=256, seed=seed)
     bench_batch = None
     if bench:
@@ -247,7 +376,54 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
         size = bench_batch_size or (64 if h * w <= 64 * 64 else 16)
         bench_batch = torch.cat(evaluation)[:size].contiguous()
     report = quantize_model(model, card, out, calibration, evaluation, labels, method=method,
-                            bench_batch=bench_batch, repeats=repeats, min_seconds=min_seconds)
+                            bench_batch=bench_batch, repeats=repeats, min_seconds=min_seconds,
+                            bias_correction=bias_correction, bias_correction_images=bias_correction_images)
+    report["method"]["qat"] = qat_info or False
+    if qat_info is not None and "accuracy" in report:  # the bar is the model before fine-tuning
+        acc = report["accuracy"]
+        before = float((torch_logits(original, evaluation).argmax(1) == labels).float().mean())
+        acc["top1_fp32_before_qat"] = before
+        acc["top1_drop_points_vs_before_qat"] = 100 * (before - acc["top1_int8"])
+    if qat_info is not None:  # the card written by quantize_model carries the method too
+        card_path = out / "model.json"
+        int8_card = json.loads(card_path.read_text())
+        int8_card["quantization"] = report["method"]
+        write_json(card_path, int8_card)
     report.update({"run": str(run_dir), "checkpoint": str(ckpt), "data": data or card["data"]})
     write_json(out / "quantize.json", {k: v for k, v in report.items() if k != "written_to"})
     return report
+
+
+def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: int, lr: float | None,
+         images: int | None, batch_size: int | None, seed: int,
+         calibration: list[torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+    """Quantization-aware fine-tuning on the run's training images with the run's preprocessing card and
+    augmentation (``config.yaml``; plain batches when the run has none)."""
+    from reslab.data import BatchAugment, BatchLoader
+    from reslab.deploy.qat import qat_finetune
+    from reslab.train.config import load_config_file
+
+    cfg = load_config_file(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    run_lr = cfg.lr if cfg is not None else 0.1
+    lr = lr if lr is not None else run_lr / 100
+    if lr <= 0:
+        raise ValueError(f"--qat-lr must be > 0, got {lr}")
+    train_images = _subset(train_images, images, seed)
+    n = len(train_images.labels)
+    batch_size = min(batch_size or (cfg.batch_size if cfg is not None else 64), n)
+    prep = card["preprocessing"]
+    h, w = prep["input_size"]
+    augment = BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip) if cfg is not None else None
+    loader = BatchLoader(train_images, batch_size=batch_size, mean=prep["mean"], std=prep["std"],
+                         device=torch.device("cpu"), shuffle=True, drop_last=True, seed=seed, augment=augment,
+                         image_size=h if (h, w) != tuple(prep["stored_size"]) else None)
+    model, info = qat_finetune(
+        model, loader, epochs=epochs, lr=lr, momentum=cfg.momentum if cfg is not None else 0.9,
+        weight_decay=cfg.weight_decay if cfg is not None else 0.0,
+        nesterov=cfg is not None and cfg.optimizer == "nesterov",
+        label_smoothing=cfg.label_smoothing if cfg is not None else 0.0, calibration=calibration,
+        set_epoch=loader.set_epoch)
+    info.update({"lr_default": "run lr / 100" if lr == run_lr / 100 else None, "run_lr": run_lr,
+                 "train_images": n, "batch_size": batch_size,
+                 "augmentation": {"crop_padding": cfg.crop_padding, "flip": cfg.flip} if cfg is not None else None})
+    return model, info

@@ -49,27 +49,35 @@ def model_loader(card: dict, images, *, device, batch_size: int = 512):
 
 
 def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", device: str = "auto",
-             batch_size: int = 512, amp: str = "auto", tta_flip: bool = False, out: str | Path | None = None,
-             ) -> dict[str, Any]:
+             batch_size: int = 512, amp: str = "auto", tta_flip: bool = False, tta_shift: int = 0,
+             out: str | Path | None = None) -> dict[str, Any]:
     """Top-1, top-5, loss and per-class accuracy of a run's best checkpoint on a split of ``data``.
 
     Writes ``eval-<split>.json`` into the run directory (or ``out``) and returns the same dict.
     """
     dev = select_device(device)
     model, card = load_model(run, device=dev)
-    splits = load_data_for_model(card, data)
-    images = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
-    if images is None:
-        raise ValueError(f"--split {split}: the data has no such split (choose test, val or train)")
-    result = evaluate_loader(model, model_loader(card, images, device=dev, batch_size=batch_size), device=dev,
-                             amp_dtype=autocast_dtype(dev, amp), num_classes=card["num_classes"],
-                             tta_flip=tta_flip)
-    result.update({"split": split, "data": data or card["data"], "checkpoint": str(find_checkpoint(run)),
-                   "classes": card["classes"],
-                   "per_class_accuracy": dict(zip(card["classes"], result["per_class_accuracy"])),
-                   "environment": environment_info(str(dev))})
     ckpt = find_checkpoint(run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    split_kwargs = {}
+    if split == "val" and (run_dir / "config.yaml").is_file():
+        # The validation images the run held out of its training split: same fraction, same seed.
+        from reslab.train.config import load_config_file
+
+        cfg = load_config_file(run_dir / "config.yaml")
+        split_kwargs = {"val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    splits = load_data_for_model(card, data, **split_kwargs)
+    images = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
+    if images is None:
+        raise ValueError(f"--split {split}: the data has no such split (choose test, val or train; val needs a "
+                         "run trained with --val-fraction)")
+    result = evaluate_loader(model, model_loader(card, images, device=dev, batch_size=batch_size), device=dev,
+                             amp_dtype=autocast_dtype(dev, amp), num_classes=card["num_classes"],
+                             tta_flip=tta_flip, tta_shift=tta_shift)
+    result.update({"split": split, "tta": {"flip": tta_flip, "shift": tta_shift}, "data": data or card["data"],
+                   "checkpoint": str(ckpt), "classes": card["classes"],
+                   "per_class_accuracy": dict(zip(card["classes"], result["per_class_accuracy"])),
+                   "environment": environment_info(str(dev))})
     target = Path(out) if out else run_dir / f"eval-{split}.json"
     write_json(target, result)
     result["written_to"] = str(target)

@@ -10,6 +10,9 @@ built for few epochs and wide, hardware-friendly convolutions rather than depth.
 Every conv is followed by BN and ReLU. The residual blocks are the library's ``BasicBlock`` (He et al. 2016,
 Fig. 5 left; ReLU after the sum, where Page's blocks end in ReLU before it). 6.57M parameters and 0.38 GMACs
 per 32x32 image at ``width=1``; ``width`` scales every layer (0.5: 1.64M parameters, 0.10 GMACs).
+``stem="whiten"`` replaces the stem conv by a frozen 2x2 patch-whitening layer (24 filters for RGB, then ReLU;
+Jordan 2024, airbench §3.2; ``reslab.models.whitening``), fitted on training images before the first step:
+the trick that lets airbench's nets learn from the first iterations.
 Its 128-512-channel convolutions fill a CPU's AMX/VNNI tiles far better than the 16-64 channels of He et
 al.'s CIFAR ResNets, which is why the ``fast`` time-to-accuracy recipe uses it (docs/performance.md).
 """
@@ -20,6 +23,9 @@ import torch.nn as nn
 from .base import StageInfo
 from .blocks import BasicBlock, ConvNormAct, StagedNet, init_weights
 from .registry import register_model
+from .whitening import PatchWhitening
+
+STEMS = ("conv", "whiten")
 
 
 def _downsample_stage(in_channels: int, out_channels: int, residual: bool) -> nn.Sequential:
@@ -33,15 +39,22 @@ def _downsample_stage(in_channels: int, out_channels: int, residual: bool) -> nn
 class ResNet9(StagedNet):
     """Page's ResNet-9 (see the module docstring); ``width`` multiplies the 64/128/256/512 channels."""
 
-    def __init__(self, *, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
+    def __init__(self, *, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, stem: str = "conv",
                  zero_init_residual: bool = False):
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
         c0, c1, c2, c3 = (max(1, int(round(c * width))) for c in (64, 128, 256, 512))
+        if stem == "whiten":
+            whitening = PatchWhitening(in_chans, kernel_size=2)
+            stem_module, c0 = nn.Sequential(whitening, nn.ReLU(inplace=True)), whitening.out_channels
+        else:
+            stem_module = ConvNormAct(in_chans, c0)
         stages = [(_downsample_stage(c0, c1, residual=True), StageInfo("layer1", c1, 2)),
                   (_downsample_stage(c1, c2, residual=False), StageInfo("layer2", c2, 4)),
                   (_downsample_stage(c2, c3, residual=True), StageInfo("layer3", c3, 8))]
-        super().__init__(ConvNormAct(in_chans, c0), stages, num_classes=num_classes)
+        super().__init__(stem_module, stages, num_classes=num_classes)
         init_weights(self, zero_init_residual)
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
     eval_batch_size: int = 512
     tta_flip: bool = False  # average predictions over the image and its mirror at test time
+    tta_shift: int = 0  # also average over copies translated by +-N pixels (multi-crop TTA; 0 = off)
     out: str | None = None  # run directory (default runs/<model>-<data>-<time>)
     auto_resume: bool = False  # if --out already holds a checkpoint, continue from it (torchrun restarts, preemption)
     tensorboard: bool = False
@@ -138,6 +139,8 @@ class TrainConfig:
             bad("crop_padding", f"must be >= 0, got {self.crop_padding}")
         if self.image_size is not None and self.image_size < 1:
             bad("image_size", f"must be >= 1, got {self.image_size}")
+        if self.tta_shift < 0:
+            bad("tta_shift", f"must be >= 0, got {self.tta_shift}")
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
         choices = {

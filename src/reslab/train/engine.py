@@ -128,10 +128,36 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
     return StepResult(loss.detach(), correct, finite)
 
 
+def _translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift (B, C, H, W) images by (dy, dx) pixels, filling the border by reflection."""
+    s = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    if s >= min(h, w):  # reflection needs a border narrower than the image
+        raise ValueError(f"tta_shift {s} is too large for {h}x{w} images (must be < {min(h, w)})")
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    return padded[..., s - dy: s - dy + h, s - dx: s - dx + w]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, *, flip: bool = False, shift: int = 0) -> torch.Tensor:
+    """Test-time augmentation: logits averaged over the image, its mirror (``flip``) and, with ``shift`` > 0,
+    copies translated by (+shift, +shift) and (-shift, -shift) pixels (each with its mirror). The untranslated
+    views weigh 1/2 and each translated pair 1/4, the weighting of airbench's multi-crop TTA (Jordan 2024, §3.6)."""
+    def views(images):
+        logits = model(images).float()
+        return (logits + model(torch.flip(images, dims=[3])).float()) / 2 if flip else logits
+
+    logits = views(x)
+    if shift > 0:
+        logits = logits / 2 + (views(_translate(x, shift, shift)) + views(_translate(x, -shift, -shift))) / 4
+    return logits
+
+
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch.dtype | None,
-                    num_classes: int, tta_flip: bool = False, return_outputs: bool = False) -> dict:
-    """Top-1, top-5, mean loss and per-class accuracy of ``model`` over every sample of ``loader``."""
+                    num_classes: int, tta_flip: bool = False, tta_shift: int = 0,
+                    return_outputs: bool = False) -> dict:
+    """Top-1, top-5, mean loss and per-class accuracy of ``model`` over every sample of ``loader``
+    (with test-time augmentation when ``tta_flip``/``tta_shift`` ask for it, see :func:`tta_logits`)."""
     was_training = model.training
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
@@ -141,10 +167,7 @@ def evaluate_loader(model: nn.Module, loader, *, device: torch.device, amp_dtype
     k = min(5, num_classes)
     for x, y in loader:
         with autocast(device, amp_dtype):
-            logits = model(x)
-            if tta_flip:
-                logits = (logits.float() + model(torch.flip(x, dims=[3])).float()) / 2
-        logits = logits.float()
+            logits = tta_logits(model, x, flip=tta_flip, shift=tta_shift)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices
         hit1 = (topk[:, 0] == y)

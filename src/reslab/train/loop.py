@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from reslab.models import count_macs, count_params, create_model
+from reslab.models.whitening import data_dependent_modules, fit_data_dependent_init
 from reslab.train import distributed as dist_utils
 from reslab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from reslab.train.config import TrainConfig, load_config_file, save_config
@@ -27,6 +29,9 @@ from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_
 from reslab.train.objectives import build_objective, gradient_noise_hook, set_drop_path_scale
 from reslab.train.rundir import JsonlLog, default_run_dir, environment_info, read_jsonl, write_json
 from reslab.train.schedules import lr_multiplier, resolve_milestones
+
+
+WHITENING_SAMPLE = 5000  # training images that fit a patch-whitening stem (as airbench does)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class TrainSummary:
     environment: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0
     skipped_files: int = 0
+    init_seconds: float = 0.0  # data-dependent initialisation before step 0 (whitening fit): part of training time
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,6 +205,16 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         from reslab.transfer.finetune import freeze_modules
 
         freeze_modules(model, cfg.freeze)
+    init_seconds = 0.0
+    if not resuming and not cfg.init_from and data_dependent_modules(model):
+        # Patch-whitening stems are fitted on training images before the first step (then checkpointed).
+        t_init = time.perf_counter()
+        n = len(splits.train.labels)  # a seeded random sample: the stored order may be sorted by class
+        sample = splits.train.subset(np.sort(np.random.default_rng(cfg.seed).permutation(n)[:WHITENING_SAMPLE]))
+        x, _ = next(iter(BatchLoader(sample, batch_size=len(sample.labels), mean=splits.mean, std=splits.std,
+                                     image_size=cfg.image_size)))
+        fit_data_dependent_init(model, x)
+        init_seconds = time.perf_counter() - t_init
     input_hw = tuple(cfg.image_size and (cfg.image_size, cfg.image_size) or splits.image_size)
     macs = count_macs(model, (splits.channels, *input_hw))
     card = model_card(cfg, splits, model, macs)
@@ -275,7 +291,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         for split, loader in eval_loaders.items():
             try:
                 r = evaluate_loader(eval_model, loader, device=device, amp_dtype=amp_dtype,
-                                    num_classes=splits.num_classes, tta_flip=cfg.tta_flip)
+                                    num_classes=splits.num_classes, tta_flip=cfg.tta_flip,
+                                    tta_shift=cfg.tta_shift)
             except RuntimeError as e:
                 if is_oom(e):
                     raise TrainingError(eval_out_of_memory_message(cfg.eval_batch_size)) from e
@@ -397,7 +414,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         final=last_eval, best=best_metrics, params=card["params"], macs=macs,
         wall_seconds=time.perf_counter() - t_start,
         train_images_per_s=train_images / max(1e-9, train_seconds), seed=cfg.seed, environment=env,
-        skipped_steps=skipped_steps, skipped_files=len(getattr(splits, "skipped", []) or []))
+        skipped_steps=skipped_steps, skipped_files=len(getattr(splits, "skipped", []) or []),
+        init_seconds=init_seconds)
     if is_main:
         write_json(run_dir / "summary.json", summary.to_dict())
         write_json(run_dir / "model.json", {**card, "metrics": last_eval, "run": str(run_dir)})
