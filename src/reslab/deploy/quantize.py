@@ -312,13 +312,9 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
 
 def _subset(images, limit: int | None, seed: int = 0):
     """At most ``limit`` images of an ImageArray: a seeded random subset (in their original order)."""
-    from reslab.data import ImageArray
-
     n = len(images.labels)
     if limit is not None and limit < n:
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-        images = ImageArray(images=images.images[idx], labels=images.labels[idx],
-                            files=[images.files[i] for i in idx] if images.files else images.files)
+        images = images.subset(np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)))
     return images
 
 
