@@ -186,16 +186,17 @@ def _calibration_threads(threads: int):
 
 
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[torch.Tensor], *,
-                  method: str = "minmax", per_channel: bool = True) -> Path:
+                  method: str = "minmax", per_channel: bool = True, keep_prepared: Path | None = None) -> Path:
     """Static int8 quantization of an ONNX model (QDQ format; int8 symmetric per-channel weights, uint8
-    activations) calibrated on ``calibration`` batches."""
+    activations) calibrated on ``calibration`` batches. ``keep_prepared``: keep the pre-processed fp32 model
+    (BN fused, as in the int8 graph) at this path instead of deleting it."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
+    prepared = Path(keep_prepared) if keep_prepared else int8_path.with_name(int8_path.stem + ".prep.onnx")
     # Shape inference and ORT's basic graph optimisations (Conv+BN fusion), so the quantiser sees fused convs.
     calibration = list(calibration)
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -209,7 +210,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=calibrate, extra_options={"ActivationSymmetric": False,
                                                                    "WeightSymmetric": True})
-    prepared.unlink(missing_ok=True)
+    if not keep_prepared:
+        prepared.unlink(missing_ok=True)
     return int8_path
 
 
@@ -257,15 +259,12 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     example = calibration[0][:1]
     t0 = time.perf_counter()
     export_onnx(model, example, fp32_path, dynamic_batch=True)
-    quantize_onnx(fp32_path, int8_path, calibration, method=method)
+    prepared = out / "model.fp32.prep.onnx"  # BN fused as in the int8 graph: bias correction compares with it
+    quantize_onnx(fp32_path, int8_path, calibration, method=method, keep_prepared=prepared if bias_correction else None)
     bias_info, before_bias_correction = None, None
     if bias_correction and evaluation and labels is not None:  # what bias correction adds, on the test images
         before_bias_correction = float((onnx_logits(int8_path, evaluation).argmax(1) == labels).float().mean())
     if bias_correction:  # on the first bias_correction_images calibration images, in batches of 16
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        prepared = out / "model.fp32.prep.onnx"  # BN fused as in the int8 graph, so conv outputs correspond
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         images = torch.cat(calibration)[:bias_correction_images]
         bias_info = bias_correct_onnx(prepared, int8_path, list(images.split(16)))
         prepared.unlink(missing_ok=True)
