@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--resnet50-run", help="a trained resnet50 run at 224x224: top-1 before/after on its test split")
     p.add_argument("--skip", choices=["resnet20", "resnet50", "resnet50-trained"], action="append", default=[])
     p.add_argument("--work", default="/tmp/bench-quantize", help="scratch folder for the model files")
+    p.add_argument("--batch-sweep", default="",
+                   help="comma-separated batch sizes: also compare every path at its fastest of them (trained runs)")
     p.add_argument("--tag", default="", help="suffix for the case names in the result file (keeps earlier cases)")
     args = p.parse_args()
 
@@ -78,10 +80,11 @@ def main() -> None:
     work = Path(args.work)
     qat = {"qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr, "qat_images": args.qat_images,
            "qat_batch_size": args.qat_batch_size}
+    sweep = [int(b) for b in args.batch_sweep.split(",") if b.strip()]
     if "resnet20" not in args.skip:
         r = quantize(args.run, calibration_images=args.calibration_images, out=work / "resnet20",
                      repeats=args.repeats, min_seconds=1.0, bias_correction=args.bias_correction,
-                     bias_correction_images=args.bias_correction_images, **qat)
+                     bias_correction_images=args.bias_correction_images, batch_sweep=sweep, **qat)
         r["threads"] = torch.get_num_threads()
         key = "resnet20_cifar10" + ("_qat" if args.qat_epochs else "") + args.tag
         results["cases"][key] = {k: v for k, v in r.items() if k != "environment"}
@@ -96,7 +99,7 @@ def main() -> None:
         r = quantize(args.resnet50_run, calibration_images=min(args.calibration_images, 64),
                      out=work / "resnet50-trained", repeats=args.repeats, min_seconds=2.0,
                      bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
-                     **{**qat, "qat_batch_size": min(args.qat_batch_size or 16, 16)})
+                     batch_sweep=sweep, **{**qat, "qat_batch_size": min(args.qat_batch_size or 16, 16)})
         r["threads"] = torch.get_num_threads()
         key = "resnet50_224_trained" + ("_qat" if args.qat_epochs else "") + args.tag  # keep earlier figures
         results["cases"][key] = {k: v for k, v in r.items() if k != "environment"}
@@ -117,6 +120,11 @@ def _print(title: str, r: dict) -> None:
     for k, v in r.get("throughput", {}).items():
         print(f"{k:>18}: {v['images_per_s']:8.1f} img/s (min {v['min']:.1f}, max {v['max']:.1f}) "
               f"{r['speedup_vs_fp32_eager'][k]:.2f}x")
+    if "best_throughput" in r:
+        best = r["best_throughput"]
+        for k, v in best["paths"].items():
+            print(f"{k:>18}: {v['images_per_s']:8.1f} img/s at its fastest batch ({v['batch_size']}) "
+                  f"{best['speedup_vs_fp32_eager'][k]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -310,6 +310,32 @@ def test_augmentations_are_per_image_and_deterministic():
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    data = ImageArray(np.random.default_rng(0).integers(0, 256, (40, 6, 6, 3), dtype=np.uint8),
+                      np.arange(40, dtype=np.int64), None)
+    aug = BatchAugment(crop_padding=0, flip=True, flip_mode="alternate")
+    loader = BatchLoader(data, batch_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True, augment=aug, seed=3)
+    plain = BatchLoader(data, batch_size=40, mean=(0.5,) * 3, std=(0.25,) * 3)
+    reference = next(iter(plain))[0]
+
+    def mirrored(epoch):
+        loader.set_epoch(epoch)
+        flags = torch.zeros(40, dtype=torch.bool)
+        for x, y in loader:
+            for image, i in zip(x, y.tolist()):
+                assert torch.equal(image, reference[i]) or torch.equal(image, reference[i].flip(2))
+                flags[i] = torch.equal(image, reference[i].flip(2))
+        return flags
+
+    first, second, third = mirrored(0), mirrored(1), mirrored(2)
+    assert 8 < first.sum() < 32  # a fair coin per image in the first epoch
+    assert torch.equal(second, ~first) and torch.equal(third, first)  # then every other epoch
+    with pytest.raises(ValueError, match="flip_mode"):
+        BatchAugment(flip_mode="sometimes")
+    with pytest.raises(ValueError, match="flip_mask"):
+        aug(reference)
+
+
 # --------------------------------------------------------------------------------------
 # loader
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from reslab.deploy.quantize import agreement, measure_throughput, onnx_logits, quantize
+from reslab.deploy.quantize import agreement, best_throughput, measure_throughput, onnx_logits, quantize
 
 from conftest import train_quick_digits
 
@@ -44,19 +44,34 @@ def test_agreement_and_throughput_helpers():
     assert same["top1_agreement"] == 1.0 and same["logits_relative_l2"] == 0.0 and same["top1_reference"] == 0.5
     tp = measure_throughput(lambda: None, 8, repeats=3, min_seconds=0.01, warmup=0)
     assert tp["images_per_s"] > 0 and tp["min"] <= tp["images_per_s"] <= tp["max"]
+    # Each path at its own fastest batch: fp32 peaks at 64, int8 at 256.
+    by_batch = {b: {"fp32_eager": {"images_per_s": f}, "int8_onnxruntime": {"images_per_s": q}}
+                for b, f, q in [(16, 900.0, 1000.0), (64, 1000.0, 3000.0), (256, 500.0, 4500.0)]}
+    best = best_throughput(by_batch)
+    assert best["paths"]["fp32_eager"] == {"images_per_s": 1000.0, "batch_size": 64}
+    assert best["paths"]["int8_onnxruntime"]["batch_size"] == 256
+    assert best["speedup_vs_fp32_eager"]["int8_onnxruntime"] == 4.5
 
 
 def test_quantize_cli(digits_run, tmp_path, capsys):
     from reslab.cli import main
 
     code = main(["quantize", str(digits_run), "--calibration-images", "64", "--eval-images", "100",
-                 "--repeats", "1", "--out", str(tmp_path / "c")])
+                 "--repeats", "1", "--batch-sweep", "8,200", "--out", str(tmp_path / "c")])
     assert code == 0
     out = capsys.readouterr().out
-    assert "int8" in out and "images/s" in out
+    assert "int8" in out and "images/s" in out and "fastest batch" in out
     report = json.loads((tmp_path / "c" / "quantize.json").read_text())
-    assert set(report["throughput"]) == {"fp32_eager", "bf16_eager", "fp32_onnxruntime", "int8_onnxruntime"}
+    paths = {"fp32_eager", "bf16_eager", "fp32_onnxruntime", "int8_onnxruntime"}
+    assert set(report["throughput"]) == paths
+    # The sweep: the default batch of 64 plus the two asked for (200 > the 100 test images: repeated).
+    assert list(report["throughput_by_batch"]) == ["8", "64", "200"]
+    assert all(set(v) == paths and v["int8_onnxruntime"]["batch_size"] == int(b)
+               for b, v in report["throughput_by_batch"].items())
+    assert report["best_throughput"]["paths"]["fp32_eager"]["batch_size"] in (8, 64, 200)
     assert main(["quantize", str(digits_run), "--calibration-images", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["quantize", str(digits_run), "--batch-sweep", "16,zero"])
 
 
 def test_bias_correction_removes_the_mean_shift(digits_run, tmp_path):

@@ -46,9 +46,11 @@ def test_default_recipe_learns_digits(tmp_path):
     assert load_config_file(run / "config.yaml").epochs == 6
 
 
-def test_resume_is_exact(tmp_path):
-    """Two epochs straight equal one epoch + interruption + resume, bit for bit."""
-    cfg = TrainConfig(**FAST, epochs=2, schedule="onecycle", warmup_iters=5, lr=0.05)
+@pytest.mark.parametrize("augment", [{}, {"flip": True, "flip_mode": "alternate"}])
+def test_resume_is_exact(tmp_path, augment):
+    """Two epochs straight equal one epoch + interruption + resume, bit for bit (alternating flips too,
+    which depend on the epoch)."""
+    cfg = TrainConfig(**{**FAST, **augment}, epochs=2, schedule="onecycle", warmup_iters=5, lr=0.05)
     train(cfg, out=str(tmp_path / "straight"))
 
     def interrupt(step):
@@ -60,6 +62,7 @@ def test_resume_is_exact(tmp_path):
     summary = train(resume=tmp_path / "resumed")
     assert summary.steps == 44
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert load_config_file(tmp_path / "resumed" / "config.yaml").flip_mode == cfg.flip_mode
 
 
 def test_resume_extends_epochs_exactly(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reslab.cli import main
-from reslab.models import count_params, create_model
+from reslab.models import count_macs, count_params, create_model
 from reslab.models.whitening import PatchWhitening, fit_data_dependent_init
 from reslab.train import TrainConfig, train
 from reslab.train.engine import _translate, tta_logits
@@ -54,6 +54,38 @@ def test_resnet9_whiten_stem():
     assert count_params(model) > 0
     with pytest.raises(ValueError, match="stem"):
         create_model("resnet9", stem="patchify")
+    wide_late = create_model("resnet9", stem="whiten", widths=[24, 48, 128, 256])  # per-stage channels
+    assert [wide_late.layer1[0][0].out_channels, wide_late.layer2[0][0].out_channels,
+            wide_late.layer3[0][0].out_channels, wide_late.fc.in_features] == [48, 128, 256, 256]
+    with pytest.raises(ValueError, match="widths"):
+        create_model("resnet9", widths=[64, 128, 256])
+
+
+def test_resnet9_pool_first_computes_the_same_function_in_eval_mode():
+    """conv-pool-BN-ReLU equals conv-BN-ReLU-pool once BN is a fixed per-channel increasing map (eval mode,
+    positive scales): max-pooling commutes with it. Only the training-time BN statistics differ."""
+    torch.manual_seed(0)
+    page = create_model("resnet9", width=0.25, stem="whiten")
+    fit_data_dependent_init(page, torch.randn(64, 3, 32, 32))
+    with torch.no_grad():
+        for m in page.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics and positive scales
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    pooled = create_model("resnet9", width=0.25, stem="whiten", pool_first=True)
+    renamed = {}
+    for key, value in page.state_dict().items():  # conv layerN.0.0 -> N.0, BN N.0.1 -> N.2, block N.2 -> N.4
+        parts = key.split(".")
+        if parts[0].startswith("layer") and parts[1] == "0":
+            parts = [parts[0], "0" if parts[2] == "0" else "2", *parts[3:]]
+        elif parts[0].startswith("layer") and parts[1] == "2":
+            parts = [parts[0], "4", *parts[2:]]
+        renamed[".".join(parts)] = value
+    pooled.load_state_dict(renamed)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled.eval()(x), page.eval()(x), rtol=1e-4, atol=1e-5)
+    assert count_macs(pooled, (3, 32, 32)) == count_macs(page, (3, 32, 32))  # same convolutions
 
 
 def test_loop_fits_whitening_and_resume_keeps_it(tmp_path):

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_crop", "random_flip", "cutout", "BatchAugment"]
+__all__ = ["random_crop", "random_flip", "alternating_flip_mask", "cutout", "BatchAugment", "FLIP_MODES"]
+
+FLIP_MODES = ("random", "alternate")
 
 
 def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -56,6 +58,14 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: fl
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
+def alternating_flip_mask(first_epoch_flips: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images of a batch to mirror under alternating flip (Jordan 2024, airbench §3.6): an image is
+    mirrored in epoch 0 by a fair coin drawn once per image (``first_epoch_flips``, one bool per sample), then
+    in every other epoch, so each one is seen mirrored and unmirrored equally often instead of repeating the
+    same view by chance in short trainings."""
+    return first_epoch_flips.index_select(0, index) ^ bool(epoch % 2)
+
+
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero a ``size`` x ``size`` square at an independent random centre per image, clipped at the
     borders (DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout")."""
@@ -78,15 +88,26 @@ class BatchAugment:
     """Training augmentation for a batch: pad-and-crop, horizontal flip, optional cutout."""
 
     crop_padding: int = 4  # pixels of padding before the random crop (paper: 4 on 32x32); 0 = off
-    flip: bool = True  # random horizontal flip with p = 0.5
+    flip: bool = True  # horizontal flip: with p = 0.5, or alternating by epoch (flip_mode)
+    flip_mode: str = "random"  # "random" or "alternate" (the loader passes the per-image flip_mask)
     cutout: int = 0  # side of the cutout square in pixels; 0 = off
     crop_mode: str = "constant"  # padding fill: "constant" (zeros) or "reflect"
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __post_init__(self):
+        if self.flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {self.flip_mode!r}")
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``flip_mask`` (one bool per image) decides the flips when ``flip_mode`` is "alternate"."""
         # Fixed order of draws, so a generator state fully determines the result.
         if self.crop_padding > 0:
             x = random_crop(x, self.crop_padding, generator, mode=self.crop_mode)
-        if self.flip:
+        if self.flip and self.flip_mode == "alternate":
+            if flip_mask is None:
+                raise ValueError("flip_mode='alternate' needs the per-image flip_mask (BatchLoader passes it)")
+            x = torch.where(flip_mask.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+        elif self.flip:
             x = random_flip(x, generator)
         if self.cutout > 0:
             x = cutout(x, self.cutout, generator)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import BatchAugment
+from .augment import BatchAugment, alternating_flip_mask
 from .sources import ImageArray
 
 __all__ = ["BatchLoader", "mix_seed"]
@@ -42,7 +42,7 @@ def mix_seed(*values: int) -> int:
 
 
 # Distinct streams, so the shuffle and the augmentation never share random numbers.
-_ORDER_STREAM, _AUGMENT_STREAM = 1, 2
+_ORDER_STREAM, _AUGMENT_STREAM, _FLIP_STREAM = 1, 2, 3
 
 
 class BatchLoader:
@@ -120,6 +120,11 @@ class BatchLoader:
         self._scale = (1.0 / (255.0 * std_t)).to(self.device)
         self._shift = (mean_t / std_t).to(self.device)
 
+        self._first_epoch_flips = None
+        if augment is not None and augment.flip and augment.flip_mode == "alternate":
+            g = torch.Generator().manual_seed(mix_seed(self.seed, _FLIP_STREAM))
+            self._first_epoch_flips = (torch.rand(self.num_samples, generator=g) < 0.5).to(self.device)
+
         self.epoch = 0
         self.start_step = 0  # first batch of the next pass (set by load_state_dict)
         self._step = 0  # batches already yielded in the current epoch
@@ -189,7 +194,9 @@ class BatchLoader:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=shrinking)
         if self.augment is not None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, step, self.rank, _AUGMENT_STREAM))
-            x = self.augment(x, g)
+            flips = (None if self._first_epoch_flips is None
+                     else alternating_flip_mask(self._first_epoch_flips, index, self.epoch))
+            x = self.augment(x, g, flip_mask=flips)
         if self.dtype != torch.float32:
             x = x.to(self.dtype)
         if self.channels_last:

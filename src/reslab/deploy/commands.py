@@ -51,7 +51,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  out=args.out, method=args.calibration, bench=not args.no_bench, repeats=args.repeats,
                  bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
                  qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_images=args.qat_images,
-                 qat_batch_size=args.qat_batch_size)
+                 qat_batch_size=args.qat_batch_size, batch_sweep=args.batch_sweep)
     acc = r.get("accuracy", {})
     before = (f"fp32 before QAT {100 * acc['top1_fp32_before_qat']:.2f}%, after "
               if "top1_fp32_before_qat" in acc else "fp32 ")
@@ -61,6 +61,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tp = r["throughput"]
         print("images/s: " + "  ".join(f"{k} {v['images_per_s']:.0f}" for k, v in tp.items()) +
               f"  (int8 = {r['speedup_vs_fp32_eager']['int8_onnxruntime']:.2f}x fp32 eager)")
+    if "best_throughput" in r:
+        best = r["best_throughput"]
+        print("at each path's fastest batch: " + "  ".join(
+            f"{k} {v['images_per_s']:.0f} (b{v['batch_size']})" for k, v in best["paths"].items()) +
+              f"  (int8 = {best['speedup_vs_fp32_eager']['int8_onnxruntime']:.2f}x fp32 eager)")
     print(f"wrote {r['written_to']}/model.int8.onnx, quantize.json")
     return 0
 
@@ -86,8 +91,20 @@ def _build_quantize(sub) -> None:
     p.add_argument("--eval-images", type=int, default=None, help="test images compared (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per throughput (median reported)")
     p.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--batch-sweep", type=_batch_sizes, default=[], metavar="B1,B2,...",
+                   help="also time every path at these batch sizes and compare each at its fastest, e.g. 16,64,256")
     p.add_argument("--out", default=None, help="output folder (default: RUN/quantized)")
     p.set_defaults(func=cmd_quantize)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes such as 16,64,256, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------------------

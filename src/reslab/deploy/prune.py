@@ -369,7 +369,7 @@ def finetune(model: nn.Module, splits, card: dict, cfg, epochs: int, *, lr: floa
     h, w = prep["input_size"]
     loader = BatchLoader(splits.train, batch_size=min(cfg.batch_size, len(splits.train.labels)), mean=prep["mean"],
                          std=prep["std"], device=device, shuffle=True, drop_last=True, seed=cfg.seed,
-                         augment=BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip),
+                         augment=BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip, flip_mode=cfg.flip_mode),
                          image_size=h if (h, w) != tuple(prep["stored_size"]) else None)
     model = model.to(device).train()
     optimizer = build_optimizer(model, cfg)

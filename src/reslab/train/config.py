@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from reslab.data.augment import FLIP_MODES
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and what to do."""
@@ -72,6 +74,7 @@ class TrainConfig:
     # --- augmentation (batched, on the training device)
     crop_padding: int = 4  # pad-and-crop, He et al. §4.2
     flip: bool = True
+    flip_mode: str = "random"  # random | alternate (each image mirrored in every other epoch; airbench §3.6)
 
     # --- speed
     amp: str = "auto"  # auto | bf16 | fp16 | off   (auto: bf16 where the hardware runs it fast)
@@ -150,6 +153,7 @@ class TrainConfig:
             "nan_policy": ("stop", "skip"),
             "drop_path_schedule": ("constant", "linear"),
             "guide_layers": ("stages", "blocks"),
+            "flip_mode": FLIP_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

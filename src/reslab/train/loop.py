@@ -169,7 +169,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         splits.train = splits.train.subset(stratified_split(splits.train.labels, cfg.train_fraction, cfg.seed)[1])
     common = dict(mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last,
                   image_size=cfg.image_size)
-    augment = BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip)
+    augment = BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip, flip_mode=cfg.flip_mode)
     train_loader = BatchLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                augment=augment, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                **common)

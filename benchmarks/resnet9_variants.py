@@ -1,0 +1,83 @@
+"""Training-step speed of ResNet-9 variants (the `fast` recipe's design choices), side by side in one process.
+
+Each variant is the whitened ResNet-9 at 3/8 width with one option changed (``pool_first``, ``widths``); every
+repetition times each variant in turn on the same batch (bf16 autocast, channels_last, Nesterov SGD: the
+`reslab train` step), and the median images/s and its ratio to the first variant are reported. Synthetic inputs:
+speed does not depend on the pixels.
+
+    python benchmarks/resnet9_variants.py --threads 2 --out benchmarks/results/resnet9_variants-<machine>-<date>.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from reslab.models import create_model
+from reslab.models.whitening import fit_data_dependent_init
+from reslab.train.rundir import environment_info, write_json
+
+BASE = {"width": 0.375, "stem": "whiten"}
+VARIANTS = {
+    "base (fast recipe before 2026-12-01)": {},
+    "pool_first": {"pool_first": True},
+    "widths [24, 48, 128, 256]": {"widths": [24, 48, 128, 256]},
+    "pool_first + widths [24, 48, 128, 256]": {"pool_first": True, "widths": [24, 48, 128, 256]},
+    "pool_first + widths [24, 48, 96, 256]": {"pool_first": True, "widths": [24, 48, 96, 256]},
+}
+
+
+def make_step(kwargs: dict, x: torch.Tensor, y: torch.Tensor):
+    model = create_model("resnet9", **BASE, **kwargs).to(memory_format=torch.channels_last)
+    fit_data_dependent_init(model, torch.randn(512, *x.shape[1:]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,))
+    steps = {name: make_step(kw, x, y) for name, kw in VARIANTS.items()}
+    for step in steps.values():  # warm-up: oneDNN primitive creation
+        step(), step()
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():  # interleaved, so drift in the machine's speed hits all alike
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t))
+    base = statistics.median(next(iter(rates.values())))
+    rows = {name: {"model_kwargs": {**BASE, **VARIANTS[name]}, "images_per_s": statistics.median(r),
+                   "ratio": statistics.median(r) / base, "repetitions": r} for name, r in rates.items()}
+    for name, row in rows.items():
+        print(f"{name:42s} {row['images_per_s']:7.0f} images/s  x{row['ratio']:.2f}")
+    if args.out:
+        write_json(args.out, {"benchmark": "resnet9_variants", "batch_size": args.batch_size, "steps": args.steps,
+                              "repeats": args.repeats, "variants": rows, "environment": environment_info("cpu")})
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
