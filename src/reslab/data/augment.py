@@ -55,7 +55,12 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: fl
     """Mirror each image of (B, C, H, W) horizontally with probability ``p``, independently."""
     gen_device = generator.device if generator is not None else x.device
     flip = (torch.rand(x.shape[0], generator=generator, device=gen_device) < p).to(x.device, non_blocking=True)
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return mirror(x, flip)
+
+
+def mirror(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror horizontally the images of (B, C, H, W) whose ``mask`` entry (one bool per image) is set."""
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def alternating_flip_mask(first_epoch_flips: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -106,7 +111,7 @@ class BatchAugment:
         if self.flip and self.flip_mode == "alternate":
             if flip_mask is None:
                 raise ValueError("flip_mode='alternate' needs the per-image flip_mask (BatchLoader passes it)")
-            x = torch.where(flip_mask.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+            x = mirror(x, flip_mask)
         elif self.flip:
             x = random_flip(x, generator)
         if self.cutout > 0:

@@ -153,8 +153,9 @@ def export_model(run_or_model: str | Path | nn.Module, format: str = "onnx", out
     if out is None:
         if isinstance(run_or_model, nn.Module):
             raise ValueError("export_model(module, ...) needs out=DIR (a bare model has no run directory)")
-        ckpt = Path(card["source_checkpoint"])
-        out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt) / "export"
+        from reslab.train.checkpoint import checkpoint_run_dir
+
+        out = checkpoint_run_dir(Path(card["source_checkpoint"])) / "export"
     out = Path(out)
     example = example_input(card, batch=1)
     path = out / FILENAMES[format]

@@ -412,7 +412,7 @@ def prune(run: str | Path, target_macs: float | list[float] = 0.5, *, data: str 
     """
     from reslab.deploy.quantize import _split_batches
     from reslab.evaluate.evaluate import load_data_for_model
-    from reslab.train.checkpoint import find_checkpoint, load_model, save_checkpoint
+    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model, save_checkpoint
     from reslab.train.config import TrainConfig, load_config_file, save_config
     from reslab.train.engine import select_device
     from reslab.train.rundir import JsonlLog
@@ -424,7 +424,7 @@ def prune(run: str | Path, target_macs: float | list[float] = 0.5, *, data: str 
     dev = select_device(device)
     model, card = load_model(run, device="cpu")
     ckpt = find_checkpoint(run)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run_dir = checkpoint_run_dir(ckpt)
     out = Path(out) if out else run_dir / "pruned"
     cfg = load_config_file(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else TrainConfig()
     splits = load_data_for_model(card, data)

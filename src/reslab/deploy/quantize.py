@@ -372,7 +372,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     (:func:`best_throughput`).
     """
     from reslab.evaluate.evaluate import load_data_for_model
-    from reslab.train.checkpoint import find_checkpoint, load_model
+    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
 
     if calibration_images < 1:
         raise ValueError(f"--calibration-images must be >= 1, got {calibration_images}")
@@ -380,7 +380,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
         raise ValueError(f"--batch-sweep sizes must be >= 1, got {list(batch_sweep)}")
     model, card = load_model(run, device="cpu")
     ckpt = find_checkpoint(run)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run_dir = checkpoint_run_dir(ckpt)
     out = Path(out) if out else run_dir / "quantized"
     if qat_epochs < 0:
         raise ValueError(f"--qat-epochs must be >= 0, got {qat_epochs}")
@@ -420,8 +420,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
 
 def _bench_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """``size`` test images to time (repeated when the test split is smaller)."""
-    reps = -(-size // images.shape[0])
-    return images.repeat(reps, 1, 1, 1)[:size].contiguous() if reps > 1 else images[:size].contiguous()
+    return images.repeat(-(-size // images.shape[0]), 1, 1, 1)[:size].contiguous()
 
 
 def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: int, lr: float | None,

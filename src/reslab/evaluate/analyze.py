@@ -28,10 +28,10 @@ import torch
 
 def run_dir_of(run: str | Path) -> Path:
     """The run directory of a run or of a checkpoint folder inside one."""
-    from reslab.train.checkpoint import find_checkpoint
+    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint
 
     ckpt = find_checkpoint(run)
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return checkpoint_run_dir(ckpt)
 
 
 def analysis_dir(run: str | Path, out: str | Path | None = None) -> Path:

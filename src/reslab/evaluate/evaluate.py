@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reslab.train.checkpoint import find_checkpoint, load_model
+from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
 from reslab.train.engine import autocast_dtype, evaluate_loader, select_device
 from reslab.train.rundir import environment_info, write_json
 
@@ -58,7 +58,7 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
     dev = select_device(device)
     model, card = load_model(run, device=dev)
     ckpt = find_checkpoint(run)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run_dir = checkpoint_run_dir(ckpt)
     split_kwargs = {}
     if split == "val" and (run_dir / "config.yaml").is_file():
         # The validation images the run held out of its training split: same fraction, same seed.

@@ -211,6 +211,12 @@ def load_checkpoint(path: str | Path, *, load_train_state: bool = True, fallback
         raise
 
 
+def checkpoint_run_dir(checkpoint: Path) -> Path:
+    """The run directory a checkpoint folder (``RUN/checkpoints/NAME``) belongs to; a standalone checkpoint
+    folder is its own."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
 def find_checkpoint(run_or_checkpoint: str | Path, prefer: str = "best") -> Path:
     """Resolve a run directory or a checkpoint folder to a checkpoint folder (``best`` first, then ``last``)."""
     p = Path(run_or_checkpoint)

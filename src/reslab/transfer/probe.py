@@ -68,7 +68,7 @@ def probe(run: str | Path, data: str | None, *, knn: list[int] | None = None, la
 
     Fits on the train split of ``data``, reports on its test split; writes ``probe.json`` into the run (or ``out``).
     """
-    from reslab.train.checkpoint import find_checkpoint, load_model
+    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
     from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
     from reslab.transfer.features import load_data_as_model, split_features
@@ -88,7 +88,7 @@ def probe(run: str | Path, data: str | None, *, knn: list[int] | None = None, la
         result[f"knn{k}_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, k)
     result["environment"] = environment_info(str(dev))
     ckpt = find_checkpoint(run)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run_dir = checkpoint_run_dir(ckpt)
     target = Path(out) if out else run_dir / "probe.json"
     write_json(target, result)
     result["written_to"] = str(target)

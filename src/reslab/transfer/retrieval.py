@@ -41,15 +41,16 @@ def truncated_scores(train_x, train_y, test_x, test_y, dim: int, *, k: int = 10,
 
 
 def _run_label(run: str | Path) -> str:
-    p = Path(run).resolve()
-    return p.parent.parent.name if p.parent.name == "checkpoints" else p.name
+    from reslab.train.checkpoint import checkpoint_run_dir
+
+    return checkpoint_run_dir(Path(run).resolve()).name
 
 
 def retrieve(run: str | Path, data: str | None, *, dims: Sequence[int], baselines: Sequence[str | Path] = (),
              out: str | Path | None = None, device: str = "auto", k: int = 10, probe: bool = True) -> dict[str, Any]:
     """``reslab retrieve``: per-dimension retrieval and probe scores of ``run`` and ``baselines`` on ``data``;
     writes ``retrieval.json`` and ``retrieval.png`` into ``out`` (default RUN/retrieval)."""
-    from reslab.train.checkpoint import find_checkpoint, load_model
+    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
     from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
     from reslab.transfer.features import load_data_as_model, split_features
@@ -78,7 +79,7 @@ def retrieve(run: str | Path, data: str | None, *, dims: Sequence[int], baseline
                      "train_count": int(len(train_y)), "test_count": int(len(test_y))})
     result = {"data": data or _data_of(run), "dims": dims, "k": k, "runs": rows, "environment": environment_info(str(dev))}
     ckpt = find_checkpoint(run)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run_dir = checkpoint_run_dir(ckpt)
     out = Path(out) if out else run_dir / "retrieval"
     out.mkdir(parents=True, exist_ok=True)
     result["figures"] = [str(plot_retrieval(result, out / "retrieval.png"))]

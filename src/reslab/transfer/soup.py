@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from reslab.train.checkpoint import find_checkpoint, load_checkpoint
+from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_checkpoint
 
 
 class SoupError(ValueError):
@@ -44,7 +44,7 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
 def _ingredient(run: str | Path) -> dict[str, Any]:
     ckpt = load_checkpoint(find_checkpoint(run), load_train_state=False)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else ckpt.path
+    run_dir = checkpoint_run_dir(ckpt.path)
     config = {}
     if (run_dir / "config.yaml").is_file():
         import yaml
