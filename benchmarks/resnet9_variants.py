@@ -1,9 +1,11 @@
 """Training-step speed of ResNet-9 variants (the `fast` recipe's design choices), side by side in one process.
 
 Each variant is the whitened ResNet-9 at 3/8 width with one option changed (``pool_first``, ``widths``); every
-repetition times each variant in turn on the same batch (bf16 autocast, channels_last, Nesterov SGD: the
-`reslab train` step), and the median images/s and its ratio to the first variant are reported. Synthetic inputs:
-speed does not depend on the pixels.
+repetition times each variant in turn on the same batch (channels_last, bf16 autocast where the CPU has native
+bf16 as with `--amp auto`, the optimizer `reslab train` builds: the `reslab train` step), and the median
+images/s and its ratio to the first variant are reported. The last variant is the `fast` recipe's net with
+`--optimizer muon` (Muon on the conv filters: the Newton-Schulz iterations' cost). Synthetic inputs: speed does
+not depend on the pixels.
 
     python benchmarks/resnet9_variants.py --threads 2 --out benchmarks/results/resnet9_variants-<machine>-<date>.json
 """
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 
 from reslab.models import create_model
 from reslab.models.whitening import fit_data_dependent_init
+from reslab.train.config import TrainConfig
+from reslab.train.engine import autocast, autocast_dtype, build_optimizer
 from reslab.train.rundir import environment_info, write_json
 
 BASE = {"width": 0.375, "stem": "whiten"}
@@ -27,16 +31,21 @@ VARIANTS = {
     "widths [24, 48, 128, 256]": {"widths": [24, 48, 128, 256]},
     "pool_first + widths [24, 48, 128, 256]": {"pool_first": True, "widths": [24, 48, 128, 256]},
     "pool_first + widths [24, 48, 96, 256]": {"pool_first": True, "widths": [24, 48, 96, 256]},
+    "pool_first + widths [24, 48, 128, 256], Muon": {"pool_first": True, "widths": [24, 48, 128, 256],
+                                                    "optimizer": "muon"},
 }
 
 
 def make_step(kwargs: dict, x: torch.Tensor, y: torch.Tensor):
+    kwargs = dict(kwargs)
+    optimizer = kwargs.pop("optimizer", "nesterov")
     model = create_model("resnet9", **BASE, **kwargs).to(memory_format=torch.channels_last)
     fit_data_dependent_init(model, torch.randn(512, *x.shape[1:]))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=0.01, no_decay_bn_bias=True))
+    dtype = autocast_dtype(torch.device("cpu"), "auto")
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), dtype):
             loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -69,13 +78,15 @@ def main() -> None:
                 step()
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t))
     base = statistics.median(next(iter(rates.values())))
-    rows = {name: {"model_kwargs": {**BASE, **VARIANTS[name]}, "images_per_s": statistics.median(r),
+    rows = {name: {"model_kwargs": {k: v for k, v in {**BASE, **VARIANTS[name]}.items() if k != "optimizer"},
+                   "optimizer": VARIANTS[name].get("optimizer", "nesterov"), "images_per_s": statistics.median(r),
                    "ratio": statistics.median(r) / base, "repetitions": r} for name, r in rates.items()}
     for name, row in rows.items():
         print(f"{name:42s} {row['images_per_s']:7.0f} images/s  x{row['ratio']:.2f}")
     if args.out:
         write_json(args.out, {"benchmark": "resnet9_variants", "batch_size": args.batch_size, "steps": args.steps,
-                              "repeats": args.repeats, "variants": rows, "environment": environment_info("cpu")})
+                              "repeats": args.repeats, "autocast": str(autocast_dtype(torch.device("cpu"), "auto")),
+                              "variants": rows, "environment": environment_info("cpu")})
         print(f"wrote {args.out}")
 
 

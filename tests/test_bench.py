@@ -112,6 +112,7 @@ def read_result(path):
 
 def test_bench_train_writes_json(tmp_path, tiny_folder):
     from reslab.bench.train_speed import bench_train
+    from reslab.train.engine import cpu_has_fast_bf16
 
     variants = [("fp32", dict(batch_size=8, amp=False, channels_last=False)),
                 ("bf16 cl", dict(batch_size=8, amp=True, channels_last=True))]
@@ -119,14 +120,28 @@ def test_bench_train_writes_json(tmp_path, tiny_folder):
     result = bench_train(str(tiny_folder), iterations=2, warmup=1, repeats=1, reference_iterations=2,
                          reference_workers=0, reference_batch_size=8,
                          configs={"reslab b8": {"batch_size": 8, "eval_batch_size": 64}},
-                         ablation_variants=variants, ablation_images=16, threads=1, out=str(out))
+                         ablation=variants, ablation_images=16, threads=1, out=str(out))
     saved = read_result(out)
     assert [r["pipeline"] for r in saved["rows"]] == ["reference", "reslab b8"]
     for row in saved["rows"]:
-        assert row["images_per_s"] > 0 and row["fraction_of_bf16_peak"] > 0
-    assert saved["peak_bf16_matmul_flops"] > 0 and saved["training_flops_per_image"] > 0
+        assert row["images_per_s"] > 0 and row["fraction_of_peak"] > 0
+    # the peak is in the precision the loop trains in: bf16 only where the CPU has it natively
+    assert saved["peak_dtype"] == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert saved["peak_matmul_flops"] == saved[f"peak_{saved['peak_dtype']}_matmul_flops"] > 0
+    assert saved["training_flops_per_image"] > 0
     assert [r["variant"] for r in saved["ablation"]] == ["fp32", "bf16 cl"]
     assert result["path"] == str(out)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_ablation_times_bf16_only_where_the_cpu_has_it(bf16):
+    from reslab.bench.train_speed import ablation_variants
+
+    rows = ablation_variants(bf16, compile=True)
+    assert rows[0][1] == dict(batch_size=128, amp=False, channels_last=False)  # the baseline: plain fp32
+    assert any(name == "+ bf16 autocast" for name, _ in rows) is bf16
+    assert {opts["amp"] for _, opts in rows[1:]} == {bf16}
+    assert rows[-1][1]["compile"] and len({name for name, _ in rows}) == len(rows)
 
 
 def test_bench_infer_writes_json(tmp_path, tiny_folder):
@@ -138,7 +153,7 @@ def test_bench_infer_writes_json(tmp_path, tiny_folder):
     saved = read_result(out)
     (model,) = saved["models"]
     paths = [r["path"] for r in model["rows"]]
-    assert paths[:2] == ["eager fp32", "onnxruntime fp32"] and model["best"] in paths
+    assert paths[:2] == ["eager fp32", "onnxruntime fp32"] and model["best"] in paths and model["default"] in paths
     for row in model["rows"]:
         assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and 0 <= row["top1_agreement"] <= 1
     assert model["rows"][1]["top1_agreement"] == 1.0  # ONNX Runtime fp32 computes the same function

@@ -42,6 +42,39 @@ def test_cpu_runner_fp32_matches_eager_at_any_batch_size():
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_runner_fp32_is_onnxruntime_with_a_torchscript_fallback(monkeypatch):
+    """fp32 on a CPU runs through ONNX Runtime (the fastest fp32 path measured); without onnxruntime, or for a
+    model that does not export, the folded TorchScript path gives the same logits."""
+    import builtins
+    import sys
+
+    import reslab.evaluate.inference as inference
+
+    model = _model_with_statistics()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    calls = []
+    real_ort = inference.onnxruntime_runner
+    monkeypatch.setattr(inference, "onnxruntime_runner", lambda *a, **k: calls.append(1) or real_ort(*a, **k))
+    torch.testing.assert_close(inference_runner(model, x, device=torch.device("cpu"), amp_dtype=None)(x), ref,
+                               atol=1e-4, rtol=1e-4)
+    assert calls == [1]
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name.startswith("onnxruntime"):
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    fallback = inference_runner(model, x, device=torch.device("cpu"), amp_dtype=None)
+    assert calls == [1, 1]  # tried, then fell back
+    torch.testing.assert_close(fallback(x), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_cpu_runner_in_bf16_when_amp_asks_for_it():
     model = _model_with_statistics()
     x = torch.randn(16, 3, 32, 32)

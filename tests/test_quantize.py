@@ -62,7 +62,10 @@ def test_quantize_cli(digits_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "int8" in out and "images/s" in out and "fastest batch" in out
     report = json.loads((tmp_path / "c" / "quantize.json").read_text())
-    paths = {"fp32_eager", "bf16_eager", "fp32_onnxruntime", "int8_onnxruntime"}
+    from reslab.train.engine import cpu_has_fast_bf16
+
+    # bf16 autocast is timed only where the CPU runs it natively (elsewhere it is emulated, slower than fp32)
+    paths = {"fp32_eager", "fp32_onnxruntime", "int8_onnxruntime"} | ({"bf16_eager"} if cpu_has_fast_bf16() else set())
     assert set(report["throughput"]) == paths
     # The sweep: the default batch of 64 plus the two asked for (200 > the 100 test images: repeated).
     assert list(report["throughput_by_batch"]) == ["8", "64", "200"]
@@ -138,6 +141,45 @@ def test_weight_fake_quant_is_per_channel_symmetric_int8_with_straight_through_g
     torch.testing.assert_close(w.grad, torch.ones_like(w))  # straight-through
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_reduce_range_gives_7_bit_weights(digits_run, tmp_path, reduce_range):
+    """--reduce-range quantizes the weights to [-64, 64] (ONNX Runtime's reduce_range), else to [-127, 127]; the
+    report and the card record which."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from reslab.cli import main
+
+    flag = "--reduce-range" if reduce_range else "--no-reduce-range"
+    assert main(["quantize", str(digits_run), "--calibration-images", "64", "--eval-images", "100", "--no-bench",
+                 flag, "--out", str(tmp_path / "q")]) == 0
+    graph = onnx.load(str(tmp_path / "q" / "model.int8.onnx")).graph
+    weights = [numpy_helper.to_array(i) for i in graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and i.dims and len(i.dims) >= 2]
+    assert len(weights) >= 20  # every conv and the fc
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert peak == (64 if reduce_range else 127)  # per-channel scales: each channel's largest weight hits the edge
+    report = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert report["method"]["reduce_range"] is reduce_range
+    from reslab.deploy.quantize import cpu_has_vnni
+
+    if reduce_range or cpu_has_vnni():  # full-range weights saturate the kernels of CPUs without VNNI (measured
+        assert report["accuracy"]["top1_agreement"] >= 0.95  # 0.90 on an AVX2 EPYC): why reduce_range is the default
+
+
+def test_cpu_without_vnni_gets_reduce_range(monkeypatch):
+    import importlib
+
+    from reslab.deploy.quantize import cpu_has_vnni, default_reduce_range
+
+    engine = importlib.import_module("reslab.train.engine")  # (reslab.train is also the train() function)
+
+    for flags, vnni in [({"sse4_2", "avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_vnni"}, True),
+                        ({"avx2", "avx_vnni"}, True), ({"avx2", "amx_int8"}, True), ({"asimd", "asimddp"}, True)]:
+        monkeypatch.setattr(engine, "cpu_flags", lambda flags=flags: flags)
+        assert cpu_has_vnni() is vnni and default_reduce_range() is (not vnni)
+
+
 def test_fake_quant_graph_simulates_onnxruntime_int8(digits_run, tmp_path):
     """With its observers calibrated on the same images, the fake-quant graph quantizes the same tensors with the
     same scales as ONNX Runtime's int8 model, and its logits follow ONNX Runtime's closer than fp32's do (what
@@ -155,7 +197,9 @@ def test_fake_quant_graph_simulates_onnxruntime_int8(digits_run, tmp_path):
     splits = load_data_for_model(card, None)
     calibration, _ = _split_batches(splits.train, card, 64, batch_size=64, seed=0)  # what quantize() used
     evaluation, _ = _split_batches(splits.test, card, 100, batch_size=50, seed=0)
-    gm, observers = prepare_qat(model)
+    from reslab.deploy.quantize import default_reduce_range
+
+    gm, observers = prepare_qat(model, 64 if default_reduce_range() else 127)  # the weights quantize() made
     calibrate(gm.eval(), observers, calibration)
     graph = onnx.load(str(tmp_path / "q" / "model.int8.onnx")).graph
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}

@@ -46,10 +46,10 @@ def test_default_recipe_learns_digits(tmp_path):
     assert load_config_file(run / "config.yaml").epochs == 6
 
 
-@pytest.mark.parametrize("augment", [{}, {"flip": True, "flip_mode": "alternate"}])
+@pytest.mark.parametrize("augment", [{}, {"flip": True, "flip_mode": "alternate"}, {"optimizer": "muon"}])
 def test_resume_is_exact(tmp_path, augment):
     """Two epochs straight equal one epoch + interruption + resume, bit for bit (alternating flips too,
-    which depend on the epoch)."""
+    which depend on the epoch; Muon's momentum buffers and group learning rates too)."""
     cfg = TrainConfig(**{**FAST, **augment}, epochs=2, schedule="onecycle", warmup_iters=5, lr=0.05)
     train(cfg, out=str(tmp_path / "straight"))
 

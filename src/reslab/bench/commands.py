@@ -16,15 +16,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from reslab.bench.train_speed import ABLATION, COMPILE_VARIANT, LOOP_CONFIGS, bench_train, print_train
+    from reslab.bench.train_speed import LOOP_CONFIGS, ablation_variants, bench_train, print_train
+    from reslab.train.engine import cpu_has_fast_bf16
 
-    configs, variants = dict(LOOP_CONFIGS), list(ABLATION)
+    configs = dict(LOOP_CONFIGS)
     if args.compile:
         configs["reslab fast + compile (b512)"] = {"batch_size": 512, "compile": True}
-        variants.append(COMPILE_VARIANT)
+    variants = ablation_variants(cpu_has_fast_bf16(), compile=args.compile)
     result = bench_train(args.data, model=args.model, iterations=args.iterations, repeats=args.repeats,
                          reference_iterations=args.reference_iterations, reference_workers=args.workers,
-                         ablation_variants=None if args.no_ablation else variants,
+                         ablation=None if args.no_ablation else variants,
                          ablation_images=args.ablation_images,
                          configs=configs, reference=args.reference, threads=args.threads, out=args.out)
     print_train(result)

@@ -3,8 +3,9 @@ reslab's fast inference path, measured side by side (interleaved, median of seve
 prediction agreement of each path against eager fp32 on real images.
 
 reslab's fast path is :func:`reslab.evaluate.inference.fast_inference_model` (BN folded, channels_last, bf16,
-frozen TorchScript), the path ``reslab predict`` and ``reslab serve`` use on a CPU; each of its steps is timed
-here on its own.
+frozen TorchScript), the path ``reslab predict`` and ``reslab serve`` use on a CPU with native bf16; each of its
+steps is timed here on its own. In fp32 (other CPUs) their default is ONNX Runtime, the "onnxruntime fp32" row;
+the result names the default path of the machine it ran on (``default``).
 
 Every variant's agreement with eager fp32 is reported; the fastest variant whose top-1 moves by at most
 ``max_top1_change`` (0.1 points by default) on the check images is the one reported as "reslab best".
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from reslab.bench import format_table, loadavg, median_rate, set_threads, time_calls, write_result
 from reslab.evaluate.inference import fast_inference_model
+from reslab.train.engine import cpu_has_fast_bf16
 
 MODELS = {"resnet20": 32, "resnet50": 224}
 
@@ -127,10 +129,15 @@ def bench_model(model_name: str, size: int, *, batch: int = 32, repeats: int = 5
         build("eager fp32", lambda: eager_fp32(model))
         build("onnxruntime fp32", lambda: onnxruntime_fp32(model, many, Path(tmp), threads))
         build("reslab fp32 (BN folded, NHWC, frozen)", lambda: fast_inference_model(model, many, bf16=False))
-        build("reslab bf16 eager (BN folded, NHWC)", lambda: fast_inference_model(model, many, script=False))
-        build("reslab bf16 (BN folded, NHWC, frozen)", lambda: fast_inference_model(model, many))
+        # bf16 only where the CPU has it natively: elsewhere it is emulated, many times slower than fp32, and the
+        # default path (``inference_runner``, ``--amp auto``) does not take it
+        bf16 = cpu_has_fast_bf16()
+        if bf16:
+            build("reslab bf16 eager (BN folded, NHWC)", lambda: fast_inference_model(model, many, script=False))
+            build("reslab bf16 (BN folded, NHWC, frozen)", lambda: fast_inference_model(model, many))
         if compile:
-            build("reslab bf16 compile (inductor, freezing)", lambda: fast_inference_model(model, many, compile=True))
+            build(f"reslab {'bf16' if bf16 else 'fp32'} compile (inductor, freezing)",
+                  lambda: fast_inference_model(model, many, bf16=bf16, compile=True))
 
         reference_logits = _batched(paths["eager fp32"], images)
         latency = {name: [] for name in paths}
@@ -161,8 +168,11 @@ def bench_model(model_name: str, size: int, *, batch: int = 32, repeats: int = 5
     best = max(candidates, key=lambda r: r["images_per_s"] / eager["images_per_s"]
                + eager["latency_ms"] / r["latency_ms"])
     best_latency = min(candidates, key=lambda r: r["latency_ms"])
+    # what `reslab predict` / `reslab serve` run here with --amp auto (reslab.evaluate.inference.inference_runner)
+    default = "reslab bf16 (BN folded, NHWC, frozen)" if bf16 else "onnxruntime fp32"
     return {"model": model_name, "image_size": size, "batch": batch, "check_images": len(images),
-            "check_source": source, "rows": rows, "best": best["path"], "best_latency": best_latency["path"]}
+            "check_source": source, "rows": rows, "best": best["path"], "best_latency": best_latency["path"],
+            "default": default}
 
 
 def bench_infer(*, models: dict[str, int] | None = None, batch: int = 32, repeats: int = 5, run: str | None = None,
@@ -188,7 +198,7 @@ def print_infer(result: dict) -> None:
           f"load average {result['loadavg_before']} -> {result['loadavg_after']}")
     for m in result["models"]:
         print(f"\n{m['model']} at {m['image_size']}x{m['image_size']} (agreement on {m['check_images']} "
-              f"{m['check_source']}); best: {m['best']}")
+              f"{m['check_source']}); best: {m['best']}; default path (predict, serve): {m.get('default')}")
         print(format_table(m["rows"], [("path", "path"), ("latency_ms", "batch-1 ms"),
                                        ("images_per_s", f"batch-{m['batch']} img/s"),
                                        ("latency_speedup_vs_eager", "lat x eager"),

@@ -10,7 +10,10 @@ The two sides alternate, ``repeats`` times, and the medians are compared. The ab
 step functions the loop uses (``BatchLoader`` + ``engine.train_step``) with one optimisation changed at a time.
 
 Training FLOPs per image = 3 x forward multiply-adds x 2 (forward, and backward for inputs and weights);
-"fraction of peak" divides the achieved FLOP/s by a large bf16 matmul's FLOP/s measured in the same run.
+"fraction of peak" divides the achieved FLOP/s by a large matmul's FLOP/s measured in the same run, in the
+precision the loop trains in: bf16 on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere. On a CPU without
+native bf16, bf16 is emulated (a 2048^3 bf16 matmul ran at 0.27 GFLOP/s on a 2-core AVX2 AMD EPYC, against 94
+fp32), so neither the peak nor the ablation times it there: the loop does not use it (``--amp auto``).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from reslab.bench import format_table, loadavg, matmul_peak, median_rate, set_threads, write_result
+from reslab.train.engine import cpu_has_fast_bf16
 
 # The loop's configurations compared with the reference (name -> TrainConfig overrides).
 LOOP_CONFIGS: dict[str, dict[str, Any]] = {
@@ -31,17 +35,22 @@ LOOP_CONFIGS: dict[str, dict[str, Any]] = {
     "reslab fast (b512)": {"batch_size": 512},
 }
 
-# One optimisation at a time, on the step functions the loop uses (name -> step options).
-ABLATION: list[tuple[str, dict[str, Any]]] = [
-    ("fp32, NCHW, b128 (in-memory eager)", dict(batch_size=128, amp=False, channels_last=False)),
-    ("+ bf16 autocast", dict(batch_size=128, amp=True, channels_last=False)),
-    ("+ channels_last (reslab default)", dict(batch_size=128, amp=True, channels_last=True)),
-    ("  with a .item() sync per step", dict(batch_size=128, amp=True, channels_last=True, item_sync=True)),
-    ("+ batch 256", dict(batch_size=256, amp=True, channels_last=True)),
-    ("+ batch 512", dict(batch_size=512, amp=True, channels_last=True)),
-]
-# Opt-in (``reslab bench train --compile``): inductor needs minutes of CPU to build forward and backward.
-COMPILE_VARIANT = ("+ torch.compile (b512)", dict(batch_size=512, amp=True, channels_last=True, compile=True))
+
+
+def ablation_variants(bf16: bool, compile: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """One optimisation at a time, on the step functions the loop uses (name -> step options). ``bf16``: the CPU
+    runs bf16 natively, so the loop's default autocasts to it; otherwise its rows are left out (see the module
+    docstring). ``compile`` (``reslab bench train --compile``) adds inductor, minutes of CPU to build."""
+    rows = [("fp32, NCHW, b128 (in-memory eager)", dict(batch_size=128, amp=False, channels_last=False))]
+    if bf16:
+        rows.append(("+ bf16 autocast", dict(batch_size=128, amp=True, channels_last=False)))
+    rows += [("+ channels_last (reslab default)", dict(batch_size=128, amp=bf16, channels_last=True)),
+             ("  with a .item() sync per step", dict(batch_size=128, amp=bf16, channels_last=True, item_sync=True)),
+             ("+ batch 256", dict(batch_size=256, amp=bf16, channels_last=True)),
+             ("+ batch 512", dict(batch_size=512, amp=bf16, channels_last=True))]
+    if compile:
+        rows.append(("+ torch.compile (b512)", dict(batch_size=512, amp=bf16, channels_last=True, compile=True)))
+    return rows
 
 
 def reference_script() -> Path:
@@ -161,10 +170,10 @@ class StepRunner:
         return steps * self.batch_size / (time.perf_counter() - start)
 
 
-def ablation(splits, *, model: str = "resnet20", images: int = 2048, repeats: int = 3,
+def run_ablation(splits, *, model: str = "resnet20", images: int = 2048, repeats: int = 3,
              variants: list[tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """images/s of each variant (interleaved, median of ``repeats``), relative to the first."""
-    variants = variants if variants is not None else ABLATION
+    variants = variants if variants is not None else ablation_variants(cpu_has_fast_bf16())
     runners = [(name, StepRunner(splits, model=model, **opts)) for name, opts in variants]
     samples: dict[str, list[float]] = {name: [] for name, _ in runners}
     for _ in range(repeats):
@@ -182,12 +191,12 @@ def ablation(splits, *, model: str = "resnet20", images: int = 2048, repeats: in
 
 def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, warmup: int = 3, repeats: int = 3,
                 reference_iterations: int = 30, reference_workers: int = 2, reference_batch_size: int = 128,
-                ablation_variants: list[tuple[str, dict[str, Any]]] | None = ABLATION, ablation_images: int = 2048,
+                ablation: list[tuple[str, dict[str, Any]]] | None = None, ablation_images: int = 2048,
                 configs: dict[str, dict[str, Any]] | None = None,
                 reference: str | None = None, threads: int | None = None, out: str | None = None) -> dict:
     """Measure the reference pipeline and reslab's loop side by side (``repeats`` interleaved rounds) and write
-    ``benchmarks/results/train.json``; returns the result. ``ablation_variants`` (None or empty: no ablation)
-    are (name, :class:`StepRunner` options) pairs, the first being the baseline of the speed-ups."""
+    ``benchmarks/results/train.json``; returns the result. ``ablation`` (None or empty: no ablation) is a list of
+    (name, :class:`StepRunner` options) pairs (:func:`ablation_variants`), the first the baseline of the speed-ups."""
     from reslab.data import load_data
 
     threads_used = set_threads(threads)
@@ -197,7 +206,9 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
     splits = load_data(str(data), progress=False)  # the one-time decode into the cache happens here
     shape = (splits.channels, *splits.image_size)
     flops_per_image = training_flops_per_image(model, splits.num_classes, shape)
-    peaks: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    # the peak in the precision the loop trains in (bf16 only where the CPU has it natively; module docstring)
+    peak_dtype = "bf16" if cpu_has_fast_bf16() else "fp32"
+    peaks: dict[str, list[float]] = {"bf16": [], "fp32": []} if peak_dtype == "bf16" else {"fp32": []}
 
     from reslab.models import create_model
 
@@ -206,8 +217,9 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
     samples: dict[str, list[dict]] = {"reference": [], **{name: [] for name in configs}}
     for _ in range(repeats):
         # The peak is re-measured every round, as the load moves; its median is the denominator.
-        peaks["bf16"].append(matmul_peak(torch.bfloat16, repeats=3))
-        peaks["fp32"].append(matmul_peak(torch.float32, repeats=3))
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            if name in peaks:
+                peaks[name].append(matmul_peak(dtype, repeats=3))
         # The same network on both sides (reslab's resnet20, fp32 contiguous for the reference).
         net = create_model(model, num_classes=splits.num_classes, in_chans=splits.channels)
         samples["reference"].append(ref.reference_throughput(str(train_dir), iterations=reference_iterations,
@@ -217,7 +229,7 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
                                                  **overrides))
     del ref_loader
 
-    peak_bf16, peak_fp32 = median_rate(peaks["bf16"]), median_rate(peaks["fp32"])
+    peak = {name: median_rate(samples) for name, samples in peaks.items()}
     ref_rate = median_rate([s["images_per_s"] for s in samples["reference"]])
     ref_cpu = [s["images_per_cpu_s"] for s in samples["reference"] if s.get("images_per_cpu_s")]
     ref_cpu_rate = median_rate(ref_cpu) if ref_cpu else None
@@ -230,7 +242,7 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
                      "vs_reference": rate / ref_rate, "images_per_cpu_s": cpu_rate,
                      "vs_reference_per_cpu": cpu_rate / ref_cpu_rate if cpu_rate and ref_cpu_rate else None,
                      "tflops": rate * flops_per_image / 1e12,
-                     "fraction_of_bf16_peak": rate * flops_per_image / peak_bf16,
+                     "fraction_of_peak": rate * flops_per_image / peak[peak_dtype],
                      "warmup_seconds": median_rate([s.get("warmup_seconds", 0.0) for s in runs]),
                      "settings": configs.get(name, {"batch_size": reference_batch_size, "amp": "off",
                                                        "workers": reference_workers})})
@@ -238,12 +250,13 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
         "model": model, "data": str(data), "repeats": repeats, "iterations": iterations,
         "reference_iterations": reference_iterations, "torch_threads": threads_used,
         "training_flops_per_image": flops_per_image,
-        "peak_bf16_matmul_flops": peak_bf16, "peak_fp32_matmul_flops": peak_fp32, "peak_samples": peaks,
+        "peak_dtype": peak_dtype, "peak_matmul_flops": peak[peak_dtype],
+        "peak_bf16_matmul_flops": peak.get("bf16"), "peak_fp32_matmul_flops": peak["fp32"], "peak_samples": peaks,
         "rows": rows,
     }
-    if ablation_variants:
-        result["ablation"] = ablation(splits, model=model, images=ablation_images, repeats=repeats,
-                                      variants=ablation_variants)
+    if ablation:
+        result["ablation"] = run_ablation(splits, model=model, images=ablation_images, repeats=repeats,
+                                          variants=ablation)
     result["loadavg_before"], result["loadavg_after"] = load_before, loadavg()
     result["path"] = str(write_result("train", result, out))
     return result
@@ -251,13 +264,13 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
 
 def print_train(result: dict) -> None:
     print(f"{result['model']} training on {result['data']}, {result['torch_threads']} threads, median of "
-          f"{result['repeats']} interleaved repetitions; bf16 matmul peak "
-          f"{result['peak_bf16_matmul_flops'] / 1e9:,.0f} GFLOP/s; load average {result['loadavg_before']} -> "
+          f"{result['repeats']} interleaved repetitions; {result['peak_dtype']} matmul peak "
+          f"{result['peak_matmul_flops'] / 1e9:,.0f} GFLOP/s; load average {result['loadavg_before']} -> "
           f"{result['loadavg_after']}")
     print(format_table(result["rows"], [("pipeline", "pipeline"), ("images_per_s", "images/s"),
                                         ("vs_reference", "x reference"),
                                         ("images_per_cpu_s", "img/CPU-s"), ("vs_reference_per_cpu", "x ref per CPU"),
-                                        ("fraction_of_bf16_peak", "fraction of bf16 peak"),
+                                        ("fraction_of_peak", f"fraction of {result['peak_dtype']} peak"),
                                         ("warmup_seconds", "one-time s")]))
     if result.get("ablation"):
         print("\nablation (the loop's step functions, one change at a time)")

@@ -51,7 +51,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  out=args.out, method=args.calibration, bench=not args.no_bench, repeats=args.repeats,
                  bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
                  qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_images=args.qat_images,
-                 qat_batch_size=args.qat_batch_size, batch_sweep=args.batch_sweep)
+                 qat_batch_size=args.qat_batch_size, batch_sweep=args.batch_sweep,
+                 reduce_range=args.reduce_range)
     acc = r.get("accuracy", {})
     before = (f"fp32 before QAT {100 * acc['top1_fp32_before_qat']:.2f}%, after "
               if "top1_fp32_before_qat" in acc else "fp32 ")
@@ -91,6 +92,9 @@ def _build_quantize(sub) -> None:
     p.add_argument("--eval-images", type=int, default=None, help="test images compared (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per throughput (median reported)")
     p.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=None,
+                   help="7-bit weights ([-64, 64]); default: on when this CPU lacks VNNI (AVX2, AVX-512 without "
+                        "VNNI), whose int8 kernels saturate with full-range weights")
     p.add_argument("--batch-sweep", type=_batch_sizes, default=[], metavar="B1,B2,...",
                    help="also time every path at these batch sizes and compare each at its fastest, e.g. 16,64,256")
     p.add_argument("--out", default=None, help="output folder (default: RUN/quantized)")

@@ -11,7 +11,8 @@ calibration, optional bias correction), so the int8 file and its speed are the s
 What is simulated, following what ``quantize_onnx`` produces (QDQ, ``ActivationSymmetric=False``,
 ``WeightSymmetric=True``, ``quant_pre_process`` folding BN into the convs):
 
-* weights: per-output-channel symmetric int8, range [-127, 127], scale = max|w| / 127, of the BN-*folded*
+* weights: per-output-channel symmetric int8, range [-127, 127], scale = max|w| / 127 (or [-64, 64] and / 64 with
+  ``weight_qmax=64``, ONNX Runtime's ``reduce_range``, which ``reslab quantize`` uses on CPUs without VNNI), of the BN-*folded*
   conv weight (BN in eval mode, statistics frozen, folded on the fly as in the whitepaper §3.2), and of the
   Linear weight;
 * activations: per-tensor asymmetric uint8 (scale = (max(hi, 0) - min(lo, 0)) / 255, integer zero point) at
@@ -86,21 +87,22 @@ class ActivationFakeQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 fake quantization (scale = max|w| / 127, zero point 0): ONNX Runtime's
-    ``WeightSymmetric`` per-channel weights. Straight-through gradient; the scale is not differentiated."""
-    scale = (w.detach().abs().flatten(1).amax(1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+def fake_quant_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-output-channel symmetric int8 fake quantization (scale = max|w| / qmax, zero point 0, range [-qmax,
+    qmax]): ONNX Runtime's ``WeightSymmetric`` per-channel weights (qmax 64 with ``reduce_range``).
+    Straight-through gradient; the scale is not differentiated."""
+    scale = (w.detach().abs().flatten(1).amax(1) / float(qmax)).clamp_min(torch.finfo(torch.float32).tiny)
     zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale.float(), zero_point, 0, -127, 127)
+    return torch.fake_quantize_per_channel_affine(w, scale.float(), zero_point, 0, -qmax, qmax)
 
 
 class FakeQuantConvBN(nn.Module):
     """Conv (+ optional following BatchNorm in eval mode, folded on the fly) with int8 fake-quant weights.
     Holds references to the model's own conv and BN, so training this updates their parameters."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, qmax: int = 127):
         super().__init__()
-        self.conv, self.bn = conv, bn
+        self.conv, self.bn, self.qmax = conv, bn, qmax
         self.enabled = True  # off: the float (folded) conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,19 +112,19 @@ class FakeQuantConvBN(nn.Module):
             factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             w = w * factor.view(-1, 1, 1, 1)
             b = bn.bias - bn.running_mean * factor + (b * factor if b is not None else 0.0)
-        w = fake_quant_weight(w) if self.enabled else w
+        w = fake_quant_weight(w, self.qmax) if self.enabled else w
         return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class FakeQuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, qmax: int = 127):
         super().__init__()
-        self.linear = linear
+        self.linear, self.qmax = linear, qmax
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.linear.weight
-        return F.linear(x, fake_quant_weight(w) if self.enabled else w, self.linear.bias)
+        return F.linear(x, fake_quant_weight(w, self.qmax) if self.enabled else w, self.linear.bias)
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -146,9 +148,10 @@ def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("view", "reshape", "flatten")
 
 
-def prepare_qat(model: nn.Module) -> tuple[fx.GraphModule, list[ActivationFakeQuant]]:
-    """A ``torch.fx`` copy of ``model``'s graph with fake quantization inserted (see the module docstring). It
-    shares ``model``'s parameters and BN buffers, so training it trains ``model``. Returns it and its observers."""
+def prepare_qat(model: nn.Module, weight_qmax: int = 127) -> tuple[fx.GraphModule, list[ActivationFakeQuant]]:
+    """A ``torch.fx`` copy of ``model``'s graph with fake quantization inserted (see the module docstring;
+    ``weight_qmax``: the weights' range). It shares ``model``'s parameters and BN buffers, so training it trains
+    ``model``. Returns it and its observers."""
     concrete = {"pre_logits": False} if "pre_logits" in inspect.signature(model.forward).parameters else None
     try:
         gm = fx.symbolic_trace(model, concrete_args=concrete)
@@ -165,9 +168,9 @@ def prepare_qat(model: nn.Module) -> tuple[fx.GraphModule, list[ActivationFakeQu
             users = list(node.users)
             bn_node = users[0] if len(users) == 1 and users[0].op == "call_module" and \
                 isinstance(modules[users[0].target], nn.BatchNorm2d) else None
-            wrapper = FakeQuantConvBN(mod, modules[bn_node.target] if bn_node is not None else None)
+            wrapper = FakeQuantConvBN(mod, modules[bn_node.target] if bn_node is not None else None, weight_qmax)
         elif isinstance(mod, nn.Linear):
-            bn_node, wrapper = None, FakeQuantLinear(mod)
+            bn_node, wrapper = None, FakeQuantLinear(mod, weight_qmax)
         else:
             continue
         name = f"qat_w{i}"
@@ -237,7 +240,7 @@ def calibrate(gm: nn.Module, observers: list[ActivationFakeQuant], batches: Iter
 def qat_finetune(model: nn.Module, batches: Iterable, *, epochs: int, lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False, label_smoothing: float = 0.0,
                  freeze_fraction: float = 0.25, calibration: list[torch.Tensor] | None = None, set_epoch=None,
-                 log=print) -> tuple[nn.Module, dict]:
+                 log=print, weight_qmax: int = 127) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``model`` with fake quantization for ``epochs`` passes over ``batches`` (an
     iterable of ``(x, y)`` CPU batches, re-iterated each epoch; ``set_epoch(e)`` is called first when given).
     SGD, cosine decay of ``lr`` to 0; BN in eval mode (frozen statistics, folded); observers frozen for the last
@@ -247,7 +250,7 @@ def qat_finetune(model: nn.Module, batches: Iterable, *, epochs: int, lr: float,
     moving averages. Returns the fine-tuned fp32 model (no fake quantization; same
     ``state_dict`` keys as ``model``) and a summary for the report."""
     model = copy.deepcopy(model).cpu().float().eval()
-    gm, observers = prepare_qat(model)
+    gm, observers = prepare_qat(model, weight_qmax)
     gm.eval()  # BN statistics frozen; nothing else in these nets depends on the mode
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -299,5 +302,6 @@ def qat_finetune(model: nn.Module, batches: Iterable, *, epochs: int, lr: float,
             "observers_frozen_after_step": int(round((1 - freeze_fraction) * total)) if total else None,
             "initial_ranges": "min/max over the calibration images" if calibration is not None else "first batch",
             "frozen_ranges": "min/max over the calibration images" if calibration is not None else "moving average",
-            "activation_sites": len(observers), "fake_quant": SCHEME, "history": history}
+            "activation_sites": len(observers),
+            "fake_quant": {**SCHEME, "weights": SCHEME["weights"].replace("[-127, 127]", f"[-{weight_qmax}, {weight_qmax}]")}, "history": history}
     return model.eval(), info

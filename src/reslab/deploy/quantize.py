@@ -51,9 +51,13 @@ def measure_throughput(fn: Callable[[], Any], batch_size: int, *, repeats: int =
 
 def compare_throughput(model: nn.Module, fp32_onnx: str | Path | None, int8_onnx: str | Path | None,
                        x: torch.Tensor, *, repeats: int = 5, min_seconds: float = 0.5,
-                       bf16: bool = True) -> dict[str, dict[str, float]]:
-    """CPU throughput of the same batch through fp32 eager PyTorch, bf16 autocast (optional), ONNX Runtime
-    fp32 and ONNX Runtime int8, measured one after the other in the same process."""
+                       bf16: bool | None = None) -> dict[str, dict[str, float]]:
+    """CPU throughput of the same batch through fp32 eager PyTorch, bf16 autocast, ONNX Runtime fp32 and ONNX
+    Runtime int8, measured one after the other in the same process. ``bf16`` (default: where the CPU has native
+    bf16; elsewhere it is emulated and slower than fp32, so it is not a contender) times the bf16 autocast path."""
+    from reslab.train.engine import cpu_has_fast_bf16
+
+    bf16 = cpu_has_fast_bf16() if bf16 is None else bf16
     model = model.eval()
     results: dict[str, dict[str, float]] = {}
     batch = x.shape[0]
@@ -198,16 +202,38 @@ def _calibration_threads(threads: int):
         calibrate.CalibraterBase.create_inference_session = original
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies uint8 x int8 with 32-bit accumulation (AVX512-VNNI, AVX-VNNI, AMX-INT8). An
+    x86 CPU without it (AVX2, AVX-512 without VNNI) runs ONNX Runtime's u8s8 kernels through ``vpmaddubsw``,
+    whose pairwise int16 sums saturate once 255 x 127 x 2 > 32767, so full-range int8 weights lose accuracy there
+    (on a 2-core AVX2 AMD EPYC: top-1 agreement with fp32 0.9967 and max logit error 2.1 on 300 digits, against
+    1.0 and 0.25 with 7-bit weights). Non-x86 CPUs (ARM's dot-product kernels) do not have the problem."""
+    from reslab.train.engine import cpu_flags
+
+    flags = cpu_flags()
+    if not flags & {"avx2", "sse4_2"}:  # not x86 (or flags unreadable): no vpmaddubsw path
+        return True
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def default_reduce_range() -> bool:
+    """7-bit weights (ONNX Runtime's ``reduce_range``) where the CPU lacks VNNI (:func:`cpu_has_vnni`)."""
+    return not cpu_has_vnni()
+
+
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[torch.Tensor], *,
-                  method: str = "minmax", per_channel: bool = True, keep_prepared: Path | None = None) -> Path:
+                  method: str = "minmax", per_channel: bool = True, keep_prepared: Path | None = None,
+                  reduce_range: bool | None = None) -> Path:
     """Static int8 quantization of an ONNX model (QDQ format; int8 symmetric per-channel weights, uint8
     activations) calibrated on ``calibration`` batches. ``keep_prepared``: keep the pre-processed fp32 model
-    (BN fused, as in the int8 graph) at this path instead of deleting it."""
+    (BN fused, as in the int8 graph) at this path instead of deleting it. ``reduce_range``: weights in
+    [-64, 64] instead of [-127, 127] (default: on CPUs without VNNI, :func:`default_reduce_range`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     prepared = Path(keep_prepared) if keep_prepared else int8_path.with_name(int8_path.stem + ".prep.onnx")
     # Shape inference and ORT's basic graph optimisations (Conv+BN fusion), so the quantiser sees fused convs.
@@ -220,7 +246,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
                  "percentile": CalibrationMethod.Percentile}[method]
     with _calibration_threads(torch.get_num_threads()):
         quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=per_channel, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=calibrate, extra_options={"ActivationSymmetric": False,
                                                                    "WeightSymmetric": True})
     if not keep_prepared:
@@ -260,13 +287,15 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
                    labels: torch.Tensor | None = None, *, method: str = "minmax", bench_batch: torch.Tensor | None = None,
                    repeats: int = 5, min_seconds: float = 0.5, bias_correction: bool = False,
                    bias_correction_images: int | None = None,
-                   sweep_batches: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+                   sweep_batches: Sequence[torch.Tensor] = (), reduce_range: bool | None = None) -> dict[str, Any]:
     """Quantize ``model`` to ``out/model.int8.onnx`` and return a report (accuracy and throughput).
 
     ``calibration``: normalised batches (training images); ``evaluation``/``labels``: test batches for the
     accuracy comparison; ``bench_batch``: the batch timed for throughput (skipped when None);
     ``sweep_batches``: more batches (other sizes) timed the same way, for :func:`best_throughput`.
+    ``reduce_range``: 7-bit weights (see :func:`quantize_onnx`; default: on CPUs without VNNI).
     """
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().float().eval()
@@ -275,7 +304,8 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     t0 = time.perf_counter()
     export_onnx(model, example, fp32_path, dynamic_batch=True)
     prepared = out / "model.fp32.prep.onnx"  # BN fused as in the int8 graph: bias correction compares with it
-    quantize_onnx(fp32_path, int8_path, calibration, method=method, keep_prepared=prepared if bias_correction else None)
+    quantize_onnx(fp32_path, int8_path, calibration, method=method, keep_prepared=prepared if bias_correction else None,
+                  reduce_range=reduce_range)
     bias_info, before_bias_correction = None, None
     if bias_correction and evaluation and labels is not None:  # what bias correction adds, on the test images
         before_bias_correction = float((onnx_logits(int8_path, evaluation).argmax(1) == labels).float().mean())
@@ -286,7 +316,10 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     seconds = time.perf_counter() - t0
     report: dict[str, Any] = {
         "model": card.get("model"),
-        "method": {"runtime": "onnxruntime", "format": "QDQ", "weights": "int8 symmetric per-channel",
+        "method": {"runtime": "onnxruntime", "format": "QDQ",
+                   "weights": "int8 symmetric per-channel" + (", 7-bit [-64, 64] (reduce_range)" if reduce_range
+                                                               else " [-127, 127]"),
+                   "reduce_range": reduce_range,
                    "activations": "uint8 asymmetric per-tensor", "calibration": method,
                    "calibration_images": int(sum(b.shape[0] for b in calibration)),
                    "bias_correction": bias_info or False},
@@ -357,7 +390,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
              min_seconds: float = 0.5, seed: int = 0, bias_correction: bool = False,
              bias_correction_images: int | None = None, qat_epochs: int = 0, qat_lr: float | None = None,
              qat_images: int | None = None, qat_batch_size: int | None = None,
-             batch_sweep: Sequence[int] = ()) -> dict[str, Any]:
+             batch_sweep: Sequence[int] = (), reduce_range: bool | None = None) -> dict[str, Any]:
     """``reslab quantize RUN``: int8 model + report in ``RUN/quantized`` (or ``out``).
 
     Calibrates on ``calibration_images`` random training images of ``data`` (default: the run's data),
@@ -369,7 +402,8 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     default all), SGD with cosine decay from ``qat_lr`` (default: the run's lr / 100), batch ``qat_batch_size``
     (default: the run's), the run's augmentation; the fine-tuned fp32 model then takes the same path.
     ``batch_sweep``: also time every path at these batch sizes and report each at its fastest
-    (:func:`best_throughput`).
+    (:func:`best_throughput`). ``reduce_range``: 7-bit weights (default: on CPUs without VNNI, where full-range
+    int8 weights saturate ONNX Runtime's kernels; :func:`cpu_has_vnni`); QAT simulates the same range.
     """
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
@@ -384,13 +418,15 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     out = Path(out) if out else run_dir / "quantized"
     if qat_epochs < 0:
         raise ValueError(f"--qat-epochs must be >= 0, got {qat_epochs}")
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     splits = load_data_for_model(card, data)
     qat_info = None
     calibration, _ = _split_batches(splits.train, card, calibration_images, batch_size=64, seed=seed)
     if qat_epochs:
         original = model
         model, qat_info = _qat(model, card, run_dir, splits.train, epochs=qat_epochs, lr=qat_lr, images=qat_images,
-                               batch_size=qat_batch_size, seed=seed, calibration=calibration)
+                               batch_size=qat_batch_size, seed=seed, calibration=calibration,
+                               weight_qmax=64 if reduce_range else 127)
     evaluation, labels = _split_batches(splits.test, card, eval_images, batch_size=256, seed=seed)
     bench_batch, sweep = None, []
     if bench:
@@ -401,7 +437,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     report = quantize_model(model, card, out, calibration, evaluation, labels, method=method,
                             bench_batch=bench_batch, repeats=repeats, min_seconds=min_seconds,
                             bias_correction=bias_correction, bias_correction_images=bias_correction_images,
-                            sweep_batches=sweep)
+                            sweep_batches=sweep, reduce_range=reduce_range)
     report["method"]["qat"] = qat_info or False
     if qat_info is not None and "accuracy" in report:  # the bar is the model before fine-tuning
         acc = report["accuracy"]
@@ -425,7 +461,7 @@ def _bench_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: int, lr: float | None,
          images: int | None, batch_size: int | None, seed: int,
-         calibration: list[torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+         calibration: list[torch.Tensor] | None = None, weight_qmax: int = 127) -> tuple[nn.Module, dict]:
     """Quantization-aware fine-tuning on the run's training images with the run's preprocessing card and
     augmentation (``config.yaml``; plain batches when the run has none)."""
     from reslab.data import BatchAugment, BatchLoader
@@ -452,7 +488,7 @@ def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: i
         weight_decay=cfg.weight_decay if cfg is not None else 0.0,
         nesterov=cfg is not None and cfg.optimizer == "nesterov",
         label_smoothing=cfg.label_smoothing if cfg is not None else 0.0, calibration=calibration,
-        set_epoch=loader.set_epoch)
+        set_epoch=loader.set_epoch, weight_qmax=weight_qmax)
     info.update({"lr_default": "run lr / 100" if lr == run_lr / 100 else None, "run_lr": run_lr,
                  "train_images": n, "batch_size": batch_size,
                  "augmentation": {"crop_padding": cfg.crop_padding, "flip": cfg.flip} if cfg is not None else None})

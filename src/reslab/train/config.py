@@ -37,12 +37,14 @@ class TrainConfig:
     batch_size: int = 128  # global batch, whatever the number of processes
 
     # --- optimiser (SGD with momentum, as in He et al. 2016 §3.4 / §4.2)
-    optimizer: str = "sgd"  # sgd | nesterov | adamw
+    optimizer: str = "sgd"  # sgd | nesterov | adamw | muon (Muon on conv filters, Nesterov SGD on the rest)
     lr: float = 0.1  # peak learning rate for the global batch
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay
     label_smoothing: float = 0.0
+    muon_lr: float = 0.24  # --optimizer muon: peak lr of the conv filters (airbench94_muon's 0.24 at batch 2000)
+    muon_momentum: float = 0.6  # --optimizer muon: Nesterov momentum of the conv filters (airbench94_muon)
 
     # --- learning-rate schedule (multipliers of lr, computed per iteration)
     schedule: str = "step"  # step | cosine | onecycle | constant
@@ -116,6 +118,10 @@ class TrainConfig:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             bad("momentum", f"must be in [0, 1), got {self.momentum}")
+        if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
+            bad("muon_lr", f"must be a finite number > 0, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            bad("muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         if not 0 <= self.label_smoothing < 1:
             bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.train_fraction <= 1:
@@ -147,7 +153,7 @@ class TrainConfig:
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
         choices = {
-            "optimizer": ("sgd", "nesterov", "adamw"),
+            "optimizer": ("sgd", "nesterov", "adamw", "muon"),
             "schedule": ("step", "cosine", "onecycle", "constant"),
             "amp": ("auto", "bf16", "fp16", "off"),
             "nan_policy": ("stop", "skip"),

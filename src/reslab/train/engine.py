@@ -26,13 +26,19 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.split(":", 1)[1].split()}
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 autocast is faster than fp32 on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
@@ -55,7 +61,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (optionally Nesterov) or AdamW; BN parameters and biases optionally excluded from weight decay.
+    """SGD (optionally Nesterov), AdamW or Muon; BN parameters and biases optionally excluded from weight decay.
+
+    ``muon`` (``reslab.train.muon``, airbench94_muon's split): every conv filter bank (4-D weight) outside the
+    classifier gets Muon at ``muon_lr`` with ``muon_momentum`` and no weight decay; everything else Nesterov SGD at
+    ``lr``. Both follow the schedule: the Muon group's ``lr_mult`` is ``muon_lr / lr``.
 
     With ``backbone_lr_mult != 1`` every parameter outside the classifier ``fc`` learns at ``lr * backbone_lr_mult``
     (discriminative fine-tuning, Howard & Ruder 2018, §3.2): each group carries its ``lr_mult`` for ``set_lr``.
@@ -63,8 +73,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """
     mults = [cfg.backbone_lr_mult] if cfg.backbone_lr_mult == 1.0 else [cfg.backbone_lr_mult, 1.0]
     buckets: dict[tuple[float, bool], list] = {(m, d): [] for m in mults for d in (True, False)}
+    filters: list[tuple[float, nn.Parameter]] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if cfg.optimizer == "muon" and p.ndim == 4 and not name.startswith("fc."):
+            filters.append((cfg.backbone_lr_mult, p))
             continue
         mult = 1.0 if name.startswith("fc.") else cfg.backbone_lr_mult
         buckets[(mult, not (cfg.no_decay_bn_bias and p.ndim <= 1))].append(p)
@@ -72,6 +86,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
               for (mult, decay), params in buckets.items() if params or (decay and mult == mults[0])]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "muon":
+        from reslab.train.muon import Muon
+
+        groups += [{"params": [p for m, p in filters if m == mult], "muon": True, "weight_decay": 0.0,
+                    "momentum": cfg.muon_momentum, "lr_mult": mult * cfg.muon_lr / cfg.lr}
+                   for mult in mults if any(m == mult for m, _ in filters)]
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
 
 
