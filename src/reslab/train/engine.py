@@ -3,6 +3,7 @@ optimizer, one training step, evaluation over a loader, and the weight EMA."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -26,14 +27,15 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``, read once; empty where it cannot be read)."""
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
-            for flag in line.split(":", 1)[1].split()}
+        return frozenset()
+    return frozenset({flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.split(":", 1)[1].split()})
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -73,12 +75,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """
     mults = [cfg.backbone_lr_mult] if cfg.backbone_lr_mult == 1.0 else [cfg.backbone_lr_mult, 1.0]
     buckets: dict[tuple[float, bool], list] = {(m, d): [] for m in mults for d in (True, False)}
-    filters: list[tuple[float, nn.Parameter]] = []
+    filters: list[nn.Parameter] = []  # --optimizer muon: the conv filter banks
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if cfg.optimizer == "muon" and p.ndim == 4 and not name.startswith("fc."):
-            filters.append((cfg.backbone_lr_mult, p))
+            filters.append(p)
             continue
         mult = 1.0 if name.startswith("fc.") else cfg.backbone_lr_mult
         buckets[(mult, not (cfg.no_decay_bn_bias and p.ndim <= 1))].append(p)
@@ -89,9 +91,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "muon":
         from reslab.train.muon import Muon
 
-        groups += [{"params": [p for m, p in filters if m == mult], "muon": True, "weight_decay": 0.0,
-                    "momentum": cfg.muon_momentum, "lr_mult": mult * cfg.muon_lr / cfg.lr}
-                   for mult in mults if any(m == mult for m, _ in filters)]
+        if filters:  # outside the classifier, so at the backbone's lr multiplier
+            groups.append({"params": filters, "muon": True, "weight_decay": 0.0, "momentum": cfg.muon_momentum,
+                           "lr_mult": cfg.backbone_lr_mult * cfg.muon_lr / cfg.lr})
         return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
 
