@@ -10,8 +10,9 @@ from reslab.train.engine import build_optimizer, set_lr
 from reslab.train.muon import Muon, orthogonalize
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(16, 144), (64, 64), (200, 30)])
-def test_orthogonalize_flattens_the_spectrum(shape):
+def test_orthogonalize_flattens_the_spectrum(shape, dtype):
     torch.manual_seed(0)
     # an ill-conditioned matrix: singular values spread over three orders of magnitude
     u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
@@ -19,14 +20,16 @@ def test_orthogonalize_flattens_the_spectrum(shape):
     k = min(shape)
     m = u[:, :k] @ torch.diag(torch.logspace(-3, 0, k)) @ v[:, :k].T
     s_in = torch.linalg.svdvals(m)
-    s_out = torch.linalg.svdvals(orthogonalize(m))
+    out = orthogonalize(m, dtype=dtype)
+    assert out.dtype == m.dtype  # computed in dtype, returned in the input's
+    s_out = torch.linalg.svdvals(out)
     assert s_in.max() / s_in.min() > 500
     # Jordan's coefficients trade exactness for speed: the top singular values land in about [0.7, 1.2]
     assert 0.6 < s_out.max() < 1.25
     top = s_out[: k // 2]
     assert top.min() > 0.5
     # and the singular vectors are kept: the update points the same way as the momentum
-    cos = F.cosine_similarity(orthogonalize(m).flatten(), (u[:, :k] @ v[:, :k].T).flatten(), dim=0)
+    cos = F.cosine_similarity(out.flatten(), (u[:, :k] @ v[:, :k].T).flatten(), dim=0)
     assert cos > 0.9
 
 

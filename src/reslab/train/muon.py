@@ -20,12 +20,21 @@ import torch
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (as in the reference) and on CPUs with native bf16 dot products; fp32 on other CPUs, where
+    bf16 matmuls are emulated and hundreds of times slower."""
+    from reslab.train.engine import cpu_has_fast_bf16  # engine imports this module lazily; no cycle
+
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximate ``U V^T`` of ``matrix = U S V^T`` by the quintic Newton-Schulz iteration (singular values land
-    in roughly [0.7, 1.2], which is all Muon needs). bf16 on CUDA as in the reference; fp32 on CPUs, where bf16
-    matmuls are emulated and slow unless the CPU has native bf16."""
+    in roughly [0.7, 1.2], which is all Muon needs), computed in ``dtype`` (default:
+    :func:`newton_schulz_dtype` of the matrix's device)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
+    x = matrix.to(dtype or newton_schulz_dtype(matrix.device))
     transposed = x.size(0) > x.size(1)
     if transposed:  # iterate on the smaller Gram matrix
         x = x.T
