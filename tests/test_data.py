@@ -423,3 +423,22 @@ def test_loader_resizes_and_formats():
     assert x.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="divisible"):
         BatchLoader(d.test, batch_size=10, mean=d.mean, std=d.std, world_size=3)
+
+
+def test_resize_batch_matches_pil_downscaling_and_keeps_the_layout():
+    """Progressive resizing's op is PIL's antialiased bilinear downscale (what a per-image pipeline would do),
+    batched; channels_last stays channels_last, and the full size passes through untouched."""
+    from reslab.data.augment import resize_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+    y = resize_batch(x, 24)
+    assert y.shape == (4, 3, 24, 24) and y.is_contiguous(memory_format=torch.channels_last)
+    pil = np.stack([np.asarray(Image.fromarray(im).resize((24, 24), Image.BILINEAR)) for im in images])
+    diff = (y.permute(0, 2, 3, 1) - torch.from_numpy(pil).float()).abs()
+    assert diff.max() <= 1.0  # PIL rounds to uint8; the filters agree
+    plain = resize_batch(x, 24).sub(x.mean()).abs().mean()
+    naive = F.interpolate(x, size=(24, 24), mode="nearest").sub(x.mean()).abs().mean()
+    assert plain < naive  # antialiasing averages pixels instead of picking them
+    assert resize_batch(x, 32) is x

@@ -10,7 +10,7 @@ from reslab.train import TrainConfig, resolve_config, train
 from reslab.train.config import ConfigError, load_config_file
 from reslab.train.engine import TrainingError
 from reslab.train.objectives import linear_cka
-from reslab.train.schedules import lr_multiplier
+from reslab.train.schedules import lr_multiplier, progressive_size
 
 FAST = dict(model="resnet20", data="digits", image_size=16, batch_size=64, progress=False, flip=False,
             crop_padding=2, amp="off")
@@ -46,10 +46,12 @@ def test_default_recipe_learns_digits(tmp_path):
     assert load_config_file(run / "config.yaml").epochs == 6
 
 
-@pytest.mark.parametrize("augment", [{}, {"flip": True, "flip_mode": "alternate"}, {"optimizer": "muon"}])
+@pytest.mark.parametrize("augment", [{}, {"flip": True, "flip_mode": "alternate"}, {"optimizer": "muon"},
+                                     {"progressive_sizes": [8, 12, 16]}])
 def test_resume_is_exact(tmp_path, augment):
     """Two epochs straight equal one epoch + interruption + resume, bit for bit (alternating flips too,
-    which depend on the epoch; Muon's momentum buffers and group learning rates too)."""
+    which depend on the epoch; Muon's momentum buffers and group learning rates too; progressive resizing,
+    whose image size depends on the step)."""
     cfg = TrainConfig(**{**FAST, **augment}, epochs=2, schedule="onecycle", warmup_iters=5, lr=0.05)
     train(cfg, out=str(tmp_path / "straight"))
 
@@ -352,3 +354,37 @@ def test_gradient_noise_has_the_annealed_variance(step):
 def test_drop_path_on_a_plain_net_is_an_error(tmp_path):
     with pytest.raises(TrainingError, match="drop-path-rate"):
         train(TrainConfig(**{**FAST, "model": "plain20"}, epochs=1, drop_path_rate=0.2, out=str(tmp_path / "r")))
+
+
+def test_progressive_size_cuts_the_run_into_equal_phases():
+    sizes = [16, 24, 32]
+    got = [progressive_size(step, 90, sizes) for step in range(90)]
+    assert got == [16] * 30 + [24] * 30 + [32] * 30
+    assert progressive_size(89, 90, [32]) == 32 and progressive_size(5, 90, []) is None
+
+
+def test_progressive_resizing_trains_small_then_at_full_size(tmp_path, monkeypatch):
+    """Each phase's batches reach the model at the phase's side (recorded per epoch too), and the run ends at
+    the full size it is evaluated at."""
+    from reslab.data import augment
+
+    sides, original = [], augment.resize_batch
+
+    def spy(x, side):
+        out = original(x, side)
+        sides.append(tuple(out.shape[-2:]))
+        return out
+
+    monkeypatch.setattr(augment, "resize_batch", spy)  # the loop imports it from there at start
+    summary = train(TrainConfig(**FAST, epochs=3, progressive_sizes=[8, 12, 16], out=str(tmp_path / "run")))
+    per_epoch = summary.steps // 3
+    assert sides == [(8, 8)] * per_epoch + [(12, 12)] * per_epoch + [(16, 16)] * per_epoch
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_image_size"] for r in records] == [8, 12, 16]
+
+
+def test_progressive_sizes_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="--progressive-sizes: image sides must be >= 4"):
+        TrainConfig(**FAST, progressive_sizes=[2, 16]).validate()
+    with pytest.raises(TrainingError, match="--progressive-sizes .*would upsample.*<= 16"):
+        train(TrainConfig(**FAST, epochs=1, progressive_sizes=[8, 32], out=str(tmp_path / "run")))

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_crop", "random_flip", "alternating_flip_mask", "cutout", "BatchAugment", "FLIP_MODES"]
+__all__ = ["random_crop", "random_flip", "alternating_flip_mask", "cutout", "resize_batch", "BatchAugment",
+           "FLIP_MODES"]
 
 FLIP_MODES = ("random", "alternate")
 
@@ -86,6 +87,17 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     in_cols = (xs[None, :] >= left[:, None]) & (xs[None, :] < left[:, None] + size)  # (B, W)
     hole = in_rows[:, None, :, None] & in_cols[:, None, None, :]
     return x.masked_fill(hole, 0.0)
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (B, C, H, W) to ``size`` x ``size``: bilinear with antialiasing (PIL's downscaling filter, not
+    a subsampling that would alias), keeping channels_last when the input has it. Used by progressive
+    resizing (``reslab.train.schedules.progressive_size``)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    channels_last = x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 @dataclass

@@ -77,6 +77,7 @@ class TrainConfig:
     crop_padding: int = 4  # pad-and-crop, He et al. §4.2
     flip: bool = True
     flip_mode: str = "random"  # random | alternate (each image mirrored in every other epoch; airbench §3.6)
+    progressive_sizes: list[int] = field(default_factory=list)  # progressive resizing: equal phases at these sides
 
     # --- speed
     amp: str = "auto"  # auto | bf16 | fp16 | off   (auto: bf16 where the hardware runs it fast)
@@ -148,6 +149,8 @@ class TrainConfig:
             bad("crop_padding", f"must be >= 0, got {self.crop_padding}")
         if self.image_size is not None and self.image_size < 1:
             bad("image_size", f"must be >= 1, got {self.image_size}")
+        if any(s < 4 for s in self.progressive_sizes):
+            bad("progressive_sizes", f"image sides must be >= 4 pixels, got {self.progressive_sizes}")
         if self.tta_shift < 0:
             bad("tta_shift", f"must be >= 0, got {self.tta_shift}")
         if self.eval_every < 1:

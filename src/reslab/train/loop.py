@@ -28,7 +28,7 @@ from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_
                                  select_device, set_lr, train_step)
 from reslab.train.objectives import build_objective, gradient_noise_hook, set_drop_path_scale
 from reslab.train.rundir import JsonlLog, default_run_dir, environment_info, read_jsonl, write_json
-from reslab.train.schedules import lr_multiplier, resolve_milestones
+from reslab.train.schedules import lr_multiplier, progressive_size, resolve_milestones
 
 
 WHITENING_SAMPLE = 5000  # training images that fit a patch-whitening stem (as airbench does)
@@ -152,6 +152,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
 
 def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step) -> TrainSummary:
     from reslab.data import BatchAugment, BatchLoader, load_data
+    from reslab.data.augment import resize_batch
     from reslab.data.sources import stratified_split
 
     t_start = time.perf_counter()
@@ -216,6 +217,10 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         fit_data_dependent_init(model, x)
         init_seconds = time.perf_counter() - t_init
     input_hw = tuple(cfg.image_size and (cfg.image_size, cfg.image_size) or splits.image_size)
+    if cfg.progressive_sizes and max(cfg.progressive_sizes) > min(input_hw):
+        raise TrainingError(f"--progressive-sizes {cfg.progressive_sizes}: sides above the training images' "
+                            f"{input_hw[0]}x{input_hw[1]} would upsample (slower, no information gained); "
+                            f"use sizes <= {min(input_hw)}")
     macs = count_macs(model, (splits.channels, *input_hw))
     card = model_card(cfg, splits, model, macs)
     model = model.to(device)
@@ -316,6 +321,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             correct_sum = torch.zeros((), device=device, dtype=torch.long)
             seen, t_epoch, epoch_start = 0, time.perf_counter(), step
             for x, y in train_loader:
+                side = progressive_size(step, total_steps, cfg.progressive_sizes)
+                if side is not None:
+                    x = resize_batch(x, side)
                 lr = cfg.lr * lr_scale * lr_multiplier(step, total_steps, cfg)
                 set_lr(optimizer, lr)
                 step_ref[0] = step
@@ -365,6 +373,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                       "train_loss": (stats[0] / stats[2]).item(), "train_top1": (stats[1] / stats[2]).item(),
                       "images_per_s": seen * dist.world_size / max(1e-9, epoch_seconds),
                       "seconds": epoch_seconds}
+            if cfg.progressive_sizes:  # the side of the epoch's last step
+                record["train_image_size"] = progressive_size(step - 1, total_steps, cfg.progressive_sizes)
             if step_losses is not None and not math.isfinite(record["train_loss"]):
                 # The first step whose loss was non-finite on any rank (every rank takes this branch together).
                 bad = torch.nonzero(~torch.isfinite(dist.all_reduce_sum(step_losses[:step - epoch_start])))

@@ -32,6 +32,16 @@ def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
+def progressive_size(step: int, total_steps: int, sizes: list[int]) -> int | None:
+    """Training image side at iteration ``step`` under progressive resizing (Howard & Gugger 2020, fastai;
+    FFCV's ResNet recipes): the run is cut into ``len(sizes)`` equal phases by iterations and phase ``i``
+    trains on images resized to ``sizes[i]``, so the cheap low-resolution steps come first and the last phase
+    adapts the network (and its BN statistics) to the size it is tested at. ``None`` when ``sizes`` is empty."""
+    if not sizes:
+        return None
+    return sizes[min(len(sizes) - 1, step * len(sizes) // max(1, total_steps))]
+
+
 def resolve_milestones(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
     """Milestones in iterations, from ``milestones`` and ``milestone_epochs`` together."""
     return sorted(set(cfg.milestones) | {round(e * steps_per_epoch) for e in cfg.milestone_epochs})
