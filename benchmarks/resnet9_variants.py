@@ -26,16 +26,15 @@ from reslab.train.engine import autocast, autocast_dtype, build_optimizer
 from reslab.train.rundir import environment_info, write_json
 
 BASE = {"width": 0.375, "stem": "whiten"}
+FAST_NET = {"pool_first": True, "widths": [24, 48, 128, 256]}  # the `fast` recipe's net
 VARIANTS = {
     "base (fast recipe before 2026-12-01)": {},
     "pool_first": {"pool_first": True},
     "widths [24, 48, 128, 256]": {"widths": [24, 48, 128, 256]},
-    "pool_first + widths [24, 48, 128, 256]": {"pool_first": True, "widths": [24, 48, 128, 256]},
+    "pool_first + widths [24, 48, 128, 256]": FAST_NET,
     "pool_first + widths [24, 48, 96, 256]": {"pool_first": True, "widths": [24, 48, 96, 256]},
-    "pool_first + widths [24, 48, 128, 256], Muon": {"pool_first": True, "widths": [24, 48, 128, 256],
-                                                    "optimizer": "muon"},
+    "pool_first + widths [24, 48, 128, 256], Muon": {**FAST_NET, "optimizer": "muon"},
 }
-FAST_NET = {"pool_first": True, "widths": [24, 48, 128, 256]}
 
 
 def make_step(kwargs: dict, x: torch.Tensor, y: torch.Tensor):
