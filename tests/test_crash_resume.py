@@ -33,6 +33,17 @@ def _checkpoint_step(run: Path) -> int:
         return -1
 
 
+def _wait_for_new_checkpoint(run: Path, proc: subprocess.Popen, after_step: int) -> tuple[int, float]:
+    """Poll until ``run``'s last checkpoint is newer than ``after_step`` (or the process ends); returns the new
+    step and the time it was seen."""
+    deadline = time.time() + 120
+    step = _checkpoint_step(run)
+    while step <= after_step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+        step = _checkpoint_step(run)
+    return step, time.time()
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tmp_path):
     reference = tmp_path / "reference"
@@ -47,12 +58,12 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
         assert launches <= 12, "the run never finished"
         proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if kills < 3:
-            # Let this launch save at least one new checkpoint (so the run progresses), then kill it at a random
-            # moment of the following epoch: mid-step, mid-evaluation or mid-save.
-            start_step, deadline = _checkpoint_step(out), time.time() + 120
-            while _checkpoint_step(out) <= start_step and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.6))
+            # Let this launch save two new checkpoints (so the run progresses and the epoch's duration is
+            # measured on this machine), then kill it at a random moment of the following epoch: mid-step,
+            # mid-evaluation or mid-save. A fixed sleep would overshoot to the end of the run on a fast machine.
+            first = _wait_for_new_checkpoint(out, proc, _checkpoint_step(out))
+            second = _wait_for_new_checkpoint(out, proc, first[0])
+            time.sleep(rng.uniform(0.0, max(second[1] - first[1], 0.02)))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1

@@ -417,6 +417,18 @@ def init_weights(model: nn.Module, zero_init_residual: bool = False) -> None:
             b.zero_init_last()
 
 
+def dirac_init(model: nn.Module) -> int:
+    """Identity ("Dirac") initialisation of every 3x3 conv: its first ``min(out, in)`` filters pass their
+    input channel straight through, the rest keep their He init, so each layer starts close to the identity
+    on the channels it carries over (airbench, Jordan 2024, §3.3: CIFAR-10 94 % in 18 epochs instead of 21).
+    Returns the number of convs initialised."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size == (3, 3)]
+    for m in convs:
+        n = min(m.out_channels, m.in_channels)
+        nn.init.dirac_(m.weight.data[:n])
+    return len(convs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Network body shared by the later families
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 
 from .base import StageInfo
-from .blocks import BasicBlock, ConvNormAct, StagedNet, init_weights
+from .blocks import BasicBlock, ConvNormAct, StagedNet, dirac_init, init_weights
 from .registry import register_model
 from .whitening import PatchWhitening
 
@@ -50,10 +50,11 @@ def _downsample_stage(in_channels: int, out_channels: int, residual: bool, pool_
 class ResNet9(StagedNet):
     """Page's ResNet-9 (see the module docstring); ``width`` multiplies the 64/128/256/512 channels, or
     ``widths`` gives the four explicitly (the stem's is ignored with ``stem="whiten"``); ``pool_first``: see
-    ``_downsample_stage``."""
+    ``_downsample_stage``; ``identity_init``: Dirac-initialised 3x3 convs (``blocks.dirac_init``, airbench)."""
 
     def __init__(self, *, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, stem: str = "conv",
-                 widths: Sequence[int] | None = None, pool_first: bool = False, zero_init_residual: bool = False):
+                 widths: Sequence[int] | None = None, pool_first: bool = False, zero_init_residual: bool = False,
+                 identity_init: bool = False):
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
         if stem not in STEMS:
@@ -73,6 +74,8 @@ class ResNet9(StagedNet):
                   (_downsample_stage(c2, c3, True, pool_first), StageInfo("layer3", c3, 8))]
         super().__init__(stem_module, stages, num_classes=num_classes)
         init_weights(self, zero_init_residual)
+        if identity_init:
+            dirac_init(self)
 
 
 @register_model(paper="Page 2018, How to train your ResNet (DAWNBench)", input_size=(3, 32, 32), num_classes=10,

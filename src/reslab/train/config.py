@@ -42,6 +42,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay
+    norm_bias_lr_mult: float = 1.0  # lr multiplier of BN (and whitening) biases; airbench's bias_scaler is 64
+    freeze_norm_weight: bool = False  # BN scales fixed at 1, only BN biases learn (airbench's BatchNorm)
     label_smoothing: float = 0.0
     muon_lr: float = 0.24  # --optimizer muon: peak lr of the conv filters (airbench94_muon's 0.24 at batch 2000)
     muon_momentum: float = 0.6  # --optimizer muon: Nesterov momentum of the conv filters (airbench94_muon)
@@ -85,6 +87,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step's model
     ema_decay: float = 0.0  # exponential moving average of weights (0 = off), evaluated instead of raw weights
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
+    retain_memory: bool = True  # keep freed memory in the process (glibc malloc): no page faults per step
 
     # --- evaluation and output
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
@@ -145,6 +148,8 @@ class TrainConfig:
             bad("guide", "--guide, --distill-from and --matryoshka cannot be combined in one run")
         if not self.backbone_lr_mult > 0:
             bad("backbone_lr_mult", f"must be > 0 (freeze stages with --freeze instead), got {self.backbone_lr_mult}")
+        if not self.norm_bias_lr_mult > 0:
+            bad("norm_bias_lr_mult", f"must be > 0, got {self.norm_bias_lr_mult}")
         if self.crop_padding < 0:
             bad("crop_padding", f"must be >= 0, got {self.crop_padding}")
         if self.image_size is not None and self.image_size < 1:

@@ -3,8 +3,10 @@ optimizer, one training step, evaluation over a loader, and the weight EMA."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
+import platform
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +38,31 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     return frozenset({flag for line in text.splitlines() if line.startswith(("flags", "Features"))
             for flag in line.split(":", 1)[1].split()})
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.lru_cache(maxsize=1)
+def retain_freed_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Keep freed memory (up to ``limit_bytes``) in the process instead of handing it back to the kernel.
+
+    glibc's malloc serves large blocks (activations, gradients) with fresh ``mmap`` pages and unmaps them on
+    free, so each training step faults in and zeroes the same tens of megabytes again: on the 2-core EPYC VM
+    this was 5,000-12,000 page faults and 40-70 ms of kernel time per ``fast``-recipe step (docs/performance.md,
+    "Memory allocator"). Raising the mmap and trim thresholds lets the next step reuse the blocks, as jemalloc
+    or tcmalloc would (PyTorch's CPU performance tuning guide). Process-wide and lasting; applied once.
+    Returns whether it took effect (False where the C library is not glibc).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -71,11 +98,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
     With ``backbone_lr_mult != 1`` every parameter outside the classifier ``fc`` learns at ``lr * backbone_lr_mult``
     (discriminative fine-tuning, Howard & Ruder 2018, §3.2): each group carries its ``lr_mult`` for ``set_lr``.
+    ``norm_bias_lr_mult`` multiplies the lr of BN and whitening biases (airbench's ``bias_scaler``, 64 there).
     Frozen parameters (``requires_grad=False``) are left out.
     """
     mults = [cfg.backbone_lr_mult] if cfg.backbone_lr_mult == 1.0 else [cfg.backbone_lr_mult, 1.0]
+    if cfg.norm_bias_lr_mult != 1.0:
+        mults.append(cfg.backbone_lr_mult * cfg.norm_bias_lr_mult)
     buckets: dict[tuple[float, bool], list] = {(m, d): [] for m in mults for d in (True, False)}
     filters: list[nn.Parameter] = []  # --optimizer muon: the conv filter banks
+    norm_biases = {id(p) for p in _norm_biases(model)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -83,6 +114,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             filters.append(p)
             continue
         mult = 1.0 if name.startswith("fc.") else cfg.backbone_lr_mult
+        if id(p) in norm_biases:
+            mult *= cfg.norm_bias_lr_mult
         buckets[(mult, not (cfg.no_decay_bn_bias and p.ndim <= 1))].append(p)
     groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
               for (mult, decay), params in buckets.items() if params or (decay and mult == mults[0])]
@@ -96,6 +129,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                            "lr_mult": cfg.backbone_lr_mult * cfg.muon_lr / cfg.lr})
         return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+
+
+def _norm_biases(model: nn.Module) -> list[nn.Parameter]:
+    """The per-channel biases of normalization layers and of data-dependent stems (patch whitening):
+    the parameters airbench's ``bias_scaler`` speeds up (Jordan 2024, §3.4)."""
+    from reslab.models.whitening import PatchWhitening
+
+    kinds = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, PatchWhitening)
+    return [m.bias for m in model.modules() if isinstance(m, kinds) and isinstance(m.bias, nn.Parameter)]
+
+
+def freeze_norm_weights(model: nn.Module) -> int:
+    """Fix every BN/GroupNorm scale at its value (1 at initialisation) so only the biases learn, as in
+    airbench's BatchNorm (Jordan 2024): with a BN after every conv the scale is redundant with the filters'.
+    Returns the number of layers frozen."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+              and isinstance(m.weight, nn.Parameter)]
+    for m in layers:
+        m.weight.requires_grad_(False)
+    return len(layers)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -24,8 +24,8 @@ from reslab.train import distributed as dist_utils
 from reslab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from reslab.train.config import TrainConfig, load_config_file, save_config
 from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_optimizer, check_loss,
-                                 eval_out_of_memory_message, evaluate_loader, is_oom, out_of_memory_message,
-                                 select_device, set_lr, train_step)
+                                 eval_out_of_memory_message, evaluate_loader, freeze_norm_weights, is_oom,
+                                 out_of_memory_message, retain_freed_memory, select_device, set_lr, train_step)
 from reslab.train.objectives import build_objective, gradient_noise_hook, set_drop_path_scale
 from reslab.train.rundir import JsonlLog, default_run_dir, environment_info, read_jsonl, write_json
 from reslab.train.schedules import lr_multiplier, progressive_size, resolve_milestones
@@ -159,6 +159,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     device = dist.device if dist.enabled else select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.retain_memory:
+        retain_freed_memory()
     seed_everything(cfg.seed, cfg.deterministic)
     amp_dtype = autocast_dtype(device, cfg.amp)
     is_main = dist.rank == 0
@@ -206,6 +208,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         from reslab.transfer.finetune import freeze_modules
 
         freeze_modules(model, cfg.freeze)
+    if cfg.freeze_norm_weight and not freeze_norm_weights(model):
+        raise TrainingError(f"--freeze-norm-weight: {cfg.model} has no BatchNorm/GroupNorm scales to freeze")
     init_seconds = 0.0
     if not resuming and not cfg.init_from and data_dependent_modules(model):
         # Patch-whitening stems are fitted on training images before the first step (then checkpointed).
