@@ -131,12 +131,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
 
 
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BN (any dimension, sync BN) and GroupNorm
+
+
 def _norm_biases(model: nn.Module) -> list[nn.Parameter]:
     """The per-channel biases of normalization layers and of data-dependent stems (patch whitening):
     the parameters airbench's ``bias_scaler`` speeds up (Jordan 2024, §3.4)."""
     from reslab.models.whitening import PatchWhitening
 
-    kinds = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, PatchWhitening)
+    kinds = (*_NORM_LAYERS, nn.LayerNorm, PatchWhitening)
     return [m.bias for m in model.modules() if isinstance(m, kinds) and isinstance(m.bias, nn.Parameter)]
 
 
@@ -144,8 +147,7 @@ def freeze_norm_weights(model: nn.Module) -> int:
     """Fix every BN/GroupNorm scale at its value (1 at initialisation) so only the biases learn, as in
     airbench's BatchNorm (Jordan 2024): with a BN after every conv the scale is redundant with the filters'.
     Returns the number of layers frozen."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
-              and isinstance(m.weight, nn.Parameter)]
+    layers = [m for m in model.modules() if isinstance(m, _NORM_LAYERS) and isinstance(m.weight, nn.Parameter)]
     for m in layers:
         m.weight.requires_grad_(False)
     return len(layers)
