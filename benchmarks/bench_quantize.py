@@ -1,5 +1,6 @@
 """INT8 post-training quantization on the CPU: accuracy and throughput of fp32 eager, bf16 autocast,
-ONNX Runtime fp32 and ONNX Runtime int8, measured side by side in one process (median of repetitions).
+ONNX Runtime fp32 and ONNX Runtime int8 (and, with ``--runtime pytorch``, PyTorch int8), measured side by side
+in one process (median of repetitions).
 
 Two cases, as in docs/deploy.md:
 1. resnet20 on CIFAR-10, from a trained run (``reslab train --model resnet20 --data /tmp/cifar10 --epochs 3
@@ -31,7 +32,8 @@ from reslab.models import create_model
 from reslab.train.rundir import environment_info, write_json
 
 
-def resnet50_case(data: str, out: Path, repeats: int, calibration_images: int, eval_images: int) -> dict:
+def resnet50_case(data: str, out: Path, repeats: int, calibration_images: int, eval_images: int,
+                  runtime: str = "onnxruntime") -> dict:
     from reslab.data import load_data
 
     splits = load_data(data, progress=False)
@@ -47,7 +49,7 @@ def resnet50_case(data: str, out: Path, repeats: int, calibration_images: int, e
     evaluation, _ = _split_batches(splits.test, card, eval_images, batch_size=50, seed=3)
     bench = torch.cat(evaluation)[:16].contiguous()
     report = quantize_model(model, card, out, calibration, evaluation, None, bench_batch=bench,
-                            repeats=repeats, min_seconds=2.0)
+                            repeats=repeats, min_seconds=2.0, runtime=runtime)
     report["note"] = ("random-init resnet50, BN statistics re-estimated on 256 CIFAR-10 train images at 224; "
                       "accuracy = agreement with fp32 on CIFAR-10 test images resized to 224")
     return report
@@ -73,6 +75,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench-quantize", help="scratch folder for the model files")
     p.add_argument("--batch-sweep", default="",
                    help="comma-separated batch sizes: also compare every path at its fastest of them (trained runs)")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "pytorch"],
+                   help="int8 runtime of the run cases (pytorch: both int8 runtimes are built and timed)")
     p.add_argument("--tag", default="", help="suffix for the case names in the result file (keeps earlier cases)")
     args = p.parse_args()
 
@@ -84,7 +88,8 @@ def main() -> None:
     if "resnet20" not in args.skip:
         r = quantize(args.run, calibration_images=args.calibration_images, out=work / "resnet20",
                      repeats=args.repeats, min_seconds=1.0, bias_correction=args.bias_correction,
-                     bias_correction_images=args.bias_correction_images, batch_sweep=sweep, **qat)
+                     bias_correction_images=args.bias_correction_images, batch_sweep=sweep,
+                     runtime=args.runtime, **qat)
         r["threads"] = torch.get_num_threads()
         key = "resnet20_cifar10" + ("_qat" if args.qat_epochs else "") + args.tag
         results["cases"][key] = {k: v for k, v in r.items() if k != "environment"}
@@ -92,14 +97,16 @@ def main() -> None:
     if "resnet50" not in args.skip:
         # ONNX Runtime's calibrator keeps every intermediate tensor of every calibration batch in memory:
         # 64 images at 224x224 already take ~5 GB, so resnet50 calibrates on fewer images.
-        r = resnet50_case(args.data, work / "resnet50", args.repeats, min(args.calibration_images, 64), 200)
-        results["cases"]["resnet50_224"] = {k: v for k, v in r.items() if k != "environment"}
+        r = resnet50_case(args.data, work / "resnet50", args.repeats, min(args.calibration_images, 64), 200,
+                          runtime=args.runtime)
+        results["cases"]["resnet50_224" + args.tag] = {k: v for k, v in r.items() if k != "environment"}
         _print("resnet50 / 224x224", r)
     if args.resnet50_run and "resnet50-trained" not in args.skip:
         r = quantize(args.resnet50_run, calibration_images=min(args.calibration_images, 64),
                      out=work / "resnet50-trained", repeats=args.repeats, min_seconds=2.0,
                      bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
-                     batch_sweep=sweep, **{**qat, "qat_batch_size": min(args.qat_batch_size or 16, 16)})
+                     batch_sweep=sweep, runtime=args.runtime,
+                     **{**qat, "qat_batch_size": min(args.qat_batch_size or 16, 16)})
         r["threads"] = torch.get_num_threads()
         key = "resnet50_224_trained" + ("_qat" if args.qat_epochs else "") + args.tag  # keep earlier figures
         results["cases"][key] = {k: v for k, v in r.items() if k != "environment"}

@@ -254,3 +254,52 @@ def test_quantize_with_qat_from_the_cli_reports_it(digits_run, tmp_path, capsys)
     card = json.loads((tmp_path / "c" / "model.json").read_text())
     assert card["quantization"]["qat"]["epochs"] == 1
     assert main(["quantize", str(digits_run), "--qat-epochs", "-1"]) == 2
+
+
+def test_pytorch_runtime_writes_a_torchscript_int8_model_that_keeps_accuracy(digits_run, tmp_path):
+    """--runtime pytorch: FX graph-mode int8 on PyTorch's x86 engine, frozen to TorchScript. The file holds
+    quantized convolutions with int8 per-channel weights, runs on any batch size after torch.jit.load, keeps
+    the accuracy, and the report compares it with the ONNX Runtime int8 model built beside it."""
+    from reslab.deploy.quantize_torch import load_torch_int8, torch_int8_logits
+
+    r = quantize(digits_run, calibration_images=128, out=tmp_path / "q", bench=False, runtime="pytorch")
+    acc = r["accuracy"]
+    assert acc["count"] == 359 and acc["top1_fp32"] >= 0.9, acc
+    assert acc["top1_drop_points"] <= 1.0 and acc["top1_agreement"] >= 0.97, acc
+    assert abs(acc["top1_int8_onnxruntime"] - acc["top1_int8"]) <= 0.02  # the same scheme on two runtimes
+    card = json.loads((tmp_path / "q" / "model.json").read_text())
+    assert card["format"] == "torchscript-int8" and card["file"] == "model.int8.pt"
+    assert card["quantization"]["runtime"] == "pytorch"
+    assert r["files"] == {"int8": "model.int8.pt", "int8_onnxruntime": "model.int8.onnx", "fp32": "model.fp32.onnx"}
+    module = load_torch_int8(tmp_path / "q" / "model.int8.pt")
+    graph = str(module.graph)
+    assert "quantized::conv2d" in graph and "quantize_per_tensor" in graph  # really int8 kernels
+    weights = [p for p in module.state_dict().values() if isinstance(p, torch.Tensor) and p.is_quantized]
+    assert not weights or all(w.dtype in (torch.qint8, torch.quint8) for w in weights)
+    h, w = card["preprocessing"]["input_size"]
+    x = torch.randn(5, 1, h, w)
+    logits = torch_int8_logits(module, [x])
+    assert logits.shape == (5, 10) and torch.isfinite(logits).all()
+    # Batch composition does not change an image's logits (no batch size baked into the trace).
+    torch.testing.assert_close(torch_int8_logits(module, [x[:2], x[2:]]), logits)
+    assert r["size_bytes"]["int8"] < 0.5 * r["size_bytes"]["fp32"]
+
+
+def test_pytorch_runtime_cli_times_both_int8_runtimes(digits_run, tmp_path, capsys):
+    from reslab.cli import main
+
+    code = main(["quantize", str(digits_run), "--runtime", "pytorch", "--calibration-images", "64",
+                 "--eval-images", "100", "--repeats", "1", "--out", str(tmp_path / "c")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "int8_pytorch" in out and "model.int8.pt" in out
+    report = json.loads((tmp_path / "c" / "quantize.json").read_text())
+    assert {"fp32_eager", "fp32_onnxruntime", "int8_onnxruntime", "int8_pytorch"} <= set(report["throughput"])
+    assert report["speedup_vs_fp32_eager"]["int8_pytorch"] > 0
+    # Options of the ONNX Runtime flow only are refused with the option named, before any work is done.
+    assert main(["quantize", str(digits_run), "--runtime", "pytorch", "--calibration", "entropy",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "--calibration entropy" in capsys.readouterr().err
+    assert main(["quantize", str(digits_run), "--runtime", "pytorch", "--bias-correction",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b" / "model.json").exists()

@@ -52,8 +52,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  bias_correction=args.bias_correction, bias_correction_images=args.bias_correction_images,
                  qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_images=args.qat_images,
                  qat_batch_size=args.qat_batch_size, batch_sweep=args.batch_sweep,
-                 reduce_range=args.reduce_range)
+                 reduce_range=args.reduce_range, runtime=args.runtime)
     acc = r.get("accuracy", {})
+    int8_key = f"int8_{args.runtime}"
     before = (f"fp32 before QAT {100 * acc['top1_fp32_before_qat']:.2f}%, after "
               if "top1_fp32_before_qat" in acc else "fp32 ")
     print(f"top-1 {before}{100 * acc['top1_fp32']:.2f}%  int8 {100 * acc['top1_int8']:.2f}%  "
@@ -61,18 +62,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if "throughput" in r:
         tp = r["throughput"]
         print("images/s: " + "  ".join(f"{k} {v['images_per_s']:.0f}" for k, v in tp.items()) +
-              f"  (int8 = {r['speedup_vs_fp32_eager']['int8_onnxruntime']:.2f}x fp32 eager)")
+              f"  (int8 = {r['speedup_vs_fp32_eager'][int8_key]:.2f}x fp32 eager)")
     if "best_throughput" in r:
         best = r["best_throughput"]
         print("at each path's fastest batch: " + "  ".join(
             f"{k} {v['images_per_s']:.0f} (b{v['batch_size']})" for k, v in best["paths"].items()) +
-              f"  (int8 = {best['speedup_vs_fp32_eager']['int8_onnxruntime']:.2f}x fp32 eager)")
-    print(f"wrote {r['written_to']}/model.int8.onnx, quantize.json")
+              f"  (int8 = {best['speedup_vs_fp32_eager'][int8_key]:.2f}x fp32 eager)")
+    print(f"wrote {r['written_to']}/{r['files']['int8']}, model.json, quantize.json")
     return 0
 
 
 def _build_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="static INT8 post-training quantization (ONNX Runtime), with a report")
+    p = sub.add_parser("quantize", help="static INT8 post-training quantization (ONNX Runtime or PyTorch), with a report")
     p.add_argument("run", help="run directory or checkpoint folder")
     p.add_argument("--data", default=None, help="dataset spec for calibration and test (default: the run's data)")
     p.add_argument("--calibration-images", type=int, default=512, help="training images used for calibration")
@@ -97,6 +98,10 @@ def _build_quantize(sub) -> None:
                         "VNNI), whose int8 kernels saturate with full-range weights")
     p.add_argument("--batch-sweep", type=_batch_sizes, default=[], metavar="B1,B2,...",
                    help="also time every path at these batch sizes and compare each at its fastest, e.g. 16,64,256")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "pytorch"],
+                   help="int8 runtime of the card's model: onnxruntime (model.int8.onnx, portable) or pytorch "
+                        "(model.int8.pt, TorchScript on PyTorch's x86 int8 kernels; the ONNX Runtime int8 model is "
+                        "built too and compared side by side)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/quantized)")
     p.set_defaults(func=cmd_quantize)
 

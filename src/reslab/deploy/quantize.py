@@ -1,5 +1,7 @@
 """``reslab quantize``: static post-training INT8 quantization with ONNX Runtime, calibrated on training images.
 
+(``--runtime pytorch`` adds the same scheme on PyTorch's own int8 kernels: :mod:`reslab.deploy.quantize_torch`.)
+
 Why ONNX Runtime rather than PyTorch's PT2E flow: with torch 2.14 the PT2E quantizers
 (``X86InductorQuantizer``) live in the separate ``torchao`` package, which reslab does not depend on, and
 their speed comes from ``torch.compile``/Inductor code generation (minutes of compile on a 2-core CPU).
@@ -31,6 +33,7 @@ from reslab.deploy.export import export_onnx, onnx_session
 from reslab.train.rundir import environment_info, write_json
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+RUNTIMES = ("onnxruntime", "pytorch")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,10 +54,12 @@ def measure_throughput(fn: Callable[[], Any], batch_size: int, *, repeats: int =
 
 def compare_throughput(model: nn.Module, fp32_onnx: str | Path | None, int8_onnx: str | Path | None,
                        x: torch.Tensor, *, repeats: int = 5, min_seconds: float = 0.5,
-                       bf16: bool | None = None) -> dict[str, dict[str, float]]:
-    """CPU throughput of the same batch through fp32 eager PyTorch, bf16 autocast, ONNX Runtime fp32 and ONNX
-    Runtime int8, measured one after the other in the same process. ``bf16`` (default: where the CPU has native
-    bf16; elsewhere it is emulated and slower than fp32, so it is not a contender) times the bf16 autocast path."""
+                       bf16: bool | None = None, int8_torch: torch.jit.ScriptModule | None = None
+                       ) -> dict[str, dict[str, float]]:
+    """CPU throughput of the same batch through fp32 eager PyTorch, bf16 autocast, ONNX Runtime fp32, ONNX
+    Runtime int8 and (``int8_torch``, from :func:`reslab.deploy.quantize_torch.quantize_torch`) PyTorch int8,
+    measured one after the other in the same process. ``bf16`` (default: where the CPU has native bf16;
+    elsewhere it is emulated and slower than fp32, so it is not a contender) times the bf16 autocast path."""
     from reslab.train.engine import cpu_has_fast_bf16
 
     bf16 = cpu_has_fast_bf16() if bf16 is None else bf16
@@ -81,6 +86,11 @@ def compare_throughput(model: nn.Module, fp32_onnx: str | Path | None, int8_onnx
         name = sess.get_inputs()[0].name
         results[key] = measure_throughput(lambda: sess.run(None, {name: feed}), batch, repeats=repeats,
                                           min_seconds=min_seconds)
+    if int8_torch is not None:
+        from reslab.deploy.quantize_torch import torch_int8_logits
+
+        results["int8_pytorch"] = measure_throughput(lambda: torch_int8_logits(int8_torch, [x]), batch,
+                                                     repeats=repeats, min_seconds=min_seconds)
     return results
 
 
@@ -282,19 +292,36 @@ def agreement(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor
     return out
 
 
+def _check_runtime(runtime: str, method: str, bias_correction: bool) -> None:
+    """Options that only the ONNX Runtime flow has are refused for ``--runtime pytorch``, before any work."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "pytorch" and method != "minmax":
+        raise ValueError(f"--calibration {method} is ONNX Runtime's; --runtime pytorch calibrates by min/max")
+    if runtime == "pytorch" and bias_correction:
+        raise ValueError("--bias-correction corrects the ONNX Runtime model; leave it out with --runtime pytorch")
+
+
 def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
                    calibration: list[torch.Tensor], evaluation: list[torch.Tensor] | None = None,
                    labels: torch.Tensor | None = None, *, method: str = "minmax", bench_batch: torch.Tensor | None = None,
                    repeats: int = 5, min_seconds: float = 0.5, bias_correction: bool = False,
                    bias_correction_images: int | None = None,
-                   sweep_batches: Sequence[torch.Tensor] = (), reduce_range: bool | None = None) -> dict[str, Any]:
+                   sweep_batches: Sequence[torch.Tensor] = (), reduce_range: bool | None = None,
+                   runtime: str = "onnxruntime") -> dict[str, Any]:
     """Quantize ``model`` to ``out/model.int8.onnx`` and return a report (accuracy and throughput).
+
+    ``runtime="pytorch"`` also writes ``out/model.int8.pt`` (PyTorch's x86 int8 kernels,
+    :mod:`reslab.deploy.quantize_torch`) and makes it the card's model; the ONNX Runtime int8 model is still
+    built, so the report compares the two int8 runtimes side by side (``top1_int8_onnxruntime``,
+    ``int8_onnxruntime``/``int8_pytorch`` throughput).
 
     ``calibration``: normalised batches (training images); ``evaluation``/``labels``: test batches for the
     accuracy comparison; ``bench_batch``: the batch timed for throughput (skipped when None);
     ``sweep_batches``: more batches (other sizes) timed the same way, for :func:`best_throughput`.
     ``reduce_range``: 7-bit weights (see :func:`quantize_onnx`; default: on CPUs without VNNI).
     """
+    _check_runtime(runtime, method, bias_correction)
     reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,9 +340,23 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
         images = torch.cat(calibration)[:bias_correction_images]
         bias_info = bias_correct_onnx(prepared, int8_path, list(images.split(16)))
         prepared.unlink(missing_ok=True)
+    int8_torch, torch_path = None, out / "model.int8.pt"
+    if runtime == "pytorch":
+        from reslab.deploy.quantize_torch import quantize_torch, save_torch_int8
+
+        # 7-bit activations where the CPU lacks VNNI (FBGEMM's 16-bit accumulation), as the ONNX path's weights
+        int8_torch = quantize_torch(model, calibration, reduce_range=reduce_range)
+        save_torch_int8(int8_torch, torch_path)
     seconds = time.perf_counter() - t0
+    files = {"int8": int8_path.name, "fp32": fp32_path.name}
+    sizes = {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size}
+    if int8_torch is not None:
+        files = {"int8": torch_path.name, "int8_onnxruntime": int8_path.name, "fp32": fp32_path.name}
+        sizes = {"fp32": fp32_path.stat().st_size, "int8": torch_path.stat().st_size,
+                 "int8_onnxruntime": int8_path.stat().st_size}
     report: dict[str, Any] = {
         "model": card.get("model"),
+        "runtime": runtime,
         "method": {"runtime": "onnxruntime", "format": "QDQ",
                    "weights": "int8 symmetric per-channel" + (", 7-bit [-64, 64] (reduce_range)" if reduce_range
                                                                else " [-127, 127]"),
@@ -323,14 +364,26 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
                    "activations": "uint8 asymmetric per-tensor", "calibration": method,
                    "calibration_images": int(sum(b.shape[0] for b in calibration)),
                    "bias_correction": bias_info or False},
-        "files": {"int8": int8_path.name, "fp32": fp32_path.name},
-        "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
+        "files": files,
+        "size_bytes": sizes,
         "quantize_seconds": seconds,
     }
+    if int8_torch is not None:
+        from reslab.deploy.quantize_torch import ENGINE
+
+        report["method"].update({"runtime": "pytorch", "format": "TorchScript (FX graph mode, frozen)",
+                                 "engine": ENGINE, "weights": "int8 symmetric per-channel [-127, 127]",
+                                 "activations": "uint8 asymmetric per-tensor" + (", 7-bit (reduce_range)"
+                                                                                 if reduce_range else "")})
     if evaluation:
+        from reslab.deploy.quantize_torch import torch_int8_logits
+
         ref = torch_logits(model, evaluation)
-        q = onnx_logits(int8_path, evaluation)
+        q_onnx = onnx_logits(int8_path, evaluation)
+        q = q_onnx if int8_torch is None else torch_int8_logits(int8_torch, evaluation)
         report["accuracy"] = agreement(ref, q, labels)
+        if int8_torch is not None and labels is not None:
+            report["accuracy"]["top1_int8_onnxruntime"] = float((q_onnx.argmax(1) == labels).float().mean())
         if labels is not None:
             report["accuracy"]["top1_fp32"] = report["accuracy"].pop("top1_reference")
             report["accuracy"]["top1_int8"] = report["accuracy"].pop("top1_other")
@@ -339,13 +392,15 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
             if before_bias_correction is not None:
                 report["accuracy"]["top1_int8_before_bias_correction"] = before_bias_correction
     if bench_batch is not None:
-        tp = compare_throughput(model, fp32_path, int8_path, bench_batch, repeats=repeats, min_seconds=min_seconds)
+        tp = compare_throughput(model, fp32_path, int8_path, bench_batch, repeats=repeats, min_seconds=min_seconds,
+                                int8_torch=int8_torch)
         base = tp["fp32_eager"]["images_per_s"]
         report["throughput"] = tp
         report["speedup_vs_fp32_eager"] = {k: v["images_per_s"] / base for k, v in tp.items()}
     if sweep_batches:
         by_batch = {int(x.shape[0]): compare_throughput(model, fp32_path, int8_path, x, repeats=repeats,
-                                                        min_seconds=min_seconds) for x in sweep_batches}
+                                                        min_seconds=min_seconds, int8_torch=int8_torch)
+                    for x in sweep_batches}
         if bench_batch is not None:
             by_batch.setdefault(int(bench_batch.shape[0]), report["throughput"])
         report["throughput_by_batch"] = {str(b): by_batch[b] for b in sorted(by_batch)}
@@ -353,7 +408,8 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     report["environment"] = environment_info("cpu")
     int8_card = {k: v for k, v in card.items() if k not in ("files",)}
     h, w = card["preprocessing"]["input_size"]
-    int8_card.update({"format": "onnx-int8", "file": int8_path.name,
+    int8_card.update({"format": "onnx-int8" if int8_torch is None else "torchscript-int8",
+                      "file": files["int8"],
                       "input": {"name": "input", "shape": ["batch", card["in_chans"], h, w], "dtype": "float32",
                                 "layout": "NCHW", "note": "decode, resize and normalise with `preprocessing` first"},
                       "output": {"name": "logits", "shape": ["batch", card["num_classes"]]},
@@ -390,7 +446,8 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
              min_seconds: float = 0.5, seed: int = 0, bias_correction: bool = False,
              bias_correction_images: int | None = None, qat_epochs: int = 0, qat_lr: float | None = None,
              qat_images: int | None = None, qat_batch_size: int | None = None,
-             batch_sweep: Sequence[int] = (), reduce_range: bool | None = None) -> dict[str, Any]:
+             batch_sweep: Sequence[int] = (), reduce_range: bool | None = None,
+             runtime: str = "onnxruntime") -> dict[str, Any]:
     """``reslab quantize RUN``: int8 model + report in ``RUN/quantized`` (or ``out``).
 
     Calibrates on ``calibration_images`` random training images of ``data`` (default: the run's data),
@@ -404,10 +461,13 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     ``batch_sweep``: also time every path at these batch sizes and report each at its fastest
     (:func:`best_throughput`). ``reduce_range``: 7-bit weights (default: on CPUs without VNNI, where full-range
     int8 weights saturate ONNX Runtime's kernels; :func:`cpu_has_vnni`); QAT simulates the same range.
+    ``runtime``: ``onnxruntime`` (``model.int8.onnx``) or ``pytorch`` (``model.int8.pt`` as well, PyTorch's x86
+    int8 kernels; see :func:`quantize_model`).
     """
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
 
+    _check_runtime(runtime, method, bias_correction)
     if calibration_images < 1:
         raise ValueError(f"--calibration-images must be >= 1, got {calibration_images}")
     if any(b < 1 for b in batch_sweep):
@@ -426,7 +486,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
         original = model
         model, qat_info = _qat(model, card, run_dir, splits.train, epochs=qat_epochs, lr=qat_lr, images=qat_images,
                                batch_size=qat_batch_size, seed=seed, calibration=calibration,
-                               weight_qmax=64 if reduce_range else 127)
+                               weight_qmax=64 if reduce_range and runtime == "onnxruntime" else 127)
     evaluation, labels = _split_batches(splits.test, card, eval_images, batch_size=256, seed=seed)
     bench_batch, sweep = None, []
     if bench:
@@ -437,7 +497,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     report = quantize_model(model, card, out, calibration, evaluation, labels, method=method,
                             bench_batch=bench_batch, repeats=repeats, min_seconds=min_seconds,
                             bias_correction=bias_correction, bias_correction_images=bias_correction_images,
-                            sweep_batches=sweep, reduce_range=reduce_range)
+                            sweep_batches=sweep, reduce_range=reduce_range, runtime=runtime)
     report["method"]["qat"] = qat_info or False
     if qat_info is not None and "accuracy" in report:  # the bar is the model before fine-tuning
         acc = report["accuracy"]
