@@ -348,12 +348,9 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
         int8_torch = quantize_torch(model, calibration, reduce_range=reduce_range)
         save_torch_int8(int8_torch, torch_path)
     seconds = time.perf_counter() - t0
-    files = {"int8": int8_path.name, "fp32": fp32_path.name}
-    sizes = {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size}
-    if int8_torch is not None:
-        files = {"int8": torch_path.name, "int8_onnxruntime": int8_path.name, "fp32": fp32_path.name}
-        sizes = {"fp32": fp32_path.stat().st_size, "int8": torch_path.stat().st_size,
-                 "int8_onnxruntime": int8_path.stat().st_size}
+    paths = ({"int8": int8_path, "fp32": fp32_path} if int8_torch is None else
+             {"int8": torch_path, "int8_onnxruntime": int8_path, "fp32": fp32_path})
+    files = {k: p.name for k, p in paths.items()}
     report: dict[str, Any] = {
         "model": card.get("model"),
         "runtime": runtime,
@@ -365,7 +362,7 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
                    "calibration_images": int(sum(b.shape[0] for b in calibration)),
                    "bias_correction": bias_info or False},
         "files": files,
-        "size_bytes": sizes,
+        "size_bytes": {k: p.stat().st_size for k, p in paths.items()},
         "quantize_seconds": seconds,
     }
     if int8_torch is not None:
