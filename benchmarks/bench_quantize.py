@@ -1,6 +1,6 @@
 """INT8 post-training quantization on the CPU: accuracy and throughput of fp32 eager, bf16 autocast,
-ONNX Runtime fp32 and ONNX Runtime int8 (and, with ``--runtime pytorch``, PyTorch int8), measured side by side
-in one process (median of repetitions).
+ONNX Runtime fp32 and ONNX Runtime int8 (and, with ``--runtime pytorch|auto``, PyTorch int8), measured side by
+side in one process (median of repetitions); ``--runtime auto`` also records which int8 runtime it chose.
 
 Two cases, as in docs/deploy.md:
 1. resnet20 on CIFAR-10, from a trained run (``reslab train --model resnet20 --data /tmp/cifar10 --epochs 3
@@ -75,8 +75,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench-quantize", help="scratch folder for the model files")
     p.add_argument("--batch-sweep", default="",
                    help="comma-separated batch sizes: also compare every path at its fastest of them (trained runs)")
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "pytorch"],
-                   help="int8 runtime of the run cases (pytorch: both int8 runtimes are built and timed)")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "pytorch", "auto"],
+                   help="int8 runtime of the cases (pytorch, auto: both int8 runtimes are built and timed; auto "
+                        "keeps the faster, as `reslab quantize --runtime auto`)")
     p.add_argument("--tag", default="", help="suffix for the case names in the result file (keeps earlier cases)")
     args = p.parse_args()
 
@@ -132,6 +133,8 @@ def _print(title: str, r: dict) -> None:
         for k, v in best["paths"].items():
             print(f"{k:>18}: {v['images_per_s']:8.1f} img/s at its fastest batch ({v['batch_size']}) "
                   f"{best['speedup_vs_fp32_eager'][k]:.2f}x")
+    if "selection" in r:
+        print(f"--runtime auto chose {r['selection']['chosen']}: {json.dumps(r['selection']['candidates'])}")
 
 
 if __name__ == "__main__":

@@ -442,3 +442,21 @@ def test_resize_batch_matches_pil_downscaling_and_keeps_the_layout():
     naive = F.interpolate(x, size=(24, 24), mode="nearest").sub(x.mean()).abs().mean()
     assert plain < naive  # antialiasing averages pixels instead of picking them
     assert resize_batch(x, 32) is x
+
+
+def test_crop_mode_option_reaches_the_training_augmentation_and_is_checked():
+    from reslab.train.config import ConfigError, resolve_config
+
+    aug = resolve_config({"crop_padding": 2, "crop_mode": "reflect", "flip": False}).batch_augment()
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    out = aug(x, torch.Generator().manual_seed(3))
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    # every crop is a window of the reflect-padded image: no zero fill, only pixels of the image itself
+    assert all(any(torch.equal(out[i], padded[i, :, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
+               for i in range(2))
+    assert set(out.unique().tolist()) <= set(x.unique().tolist())
+    assert resolve_config({"crop_padding": 2}).batch_augment().crop_mode == "constant"  # He et al.'s zeros
+    with pytest.raises(ConfigError, match="--crop-mode"):
+        resolve_config({"crop_mode": "wrap"})
+    with pytest.raises(ValueError, match="crop_mode"):
+        BatchAugment(crop_mode="wrap")

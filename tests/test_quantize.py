@@ -303,3 +303,66 @@ def test_pytorch_runtime_cli_times_both_int8_runtimes(digits_run, tmp_path, caps
     assert main(["quantize", str(digits_run), "--runtime", "pytorch", "--bias-correction",
                  "--out", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b" / "model.json").exists()
+
+
+def test_choose_runtime_takes_the_faster_int8_runtime_unless_the_other_is_really_more_accurate():
+    from reslab.deploy.quantize import choose_runtime
+
+    speed = {"int8_onnxruntime": {"images_per_s": 900.0, "batch_size": 64},
+             "int8_pytorch": {"images_per_s": 1200.0, "batch_size": 64}}
+
+    def correct(n, right, only_ort=0, only_pt=0):  # n images; `right` both get right, then the discordant ones
+        ort, pt = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        ort[:right] = pt[:right] = True
+        ort[right:right + only_ort] = True
+        pt[right + only_ort:right + only_ort + only_pt] = True
+        return {"onnxruntime": ort, "pytorch": pt}
+
+    # 10,000 images, ONNX Runtime right on 30 more: +0.3 points, 2 standard errors = 0.11: a real loss.
+    sel = choose_runtime(speed, correct(10_000, 7_000, only_ort=30))
+    assert sel["chosen"] == "onnxruntime" and abs(sel["slower_top1_gain_points"] - 0.3) < 1e-9
+    assert abs(sel["paired_standard_error_points"] - 100 * 30 ** 0.5 / 10_000) < 1e-9
+    assert sel["candidates"]["pytorch"] == {"images_per_s": 1200.0, "batch_size": 64, "top1": 0.7}
+    # +0.05 points (5 images): below the tolerance, so the faster one.
+    assert choose_runtime(speed, correct(10_000, 7_000, only_ort=5))["chosen"] == "pytorch"
+    # One image of 200 (+0.5 points) but 1 discordant image: within noise, so the faster one.
+    assert choose_runtime(speed, correct(200, 150, only_ort=1))["chosen"] == "pytorch"
+    # 0.3 points from 130 images right only by ONNX Runtime and 100 only by PyTorch: not beyond 2 standard errors.
+    assert choose_runtime(speed, correct(10_000, 7_000, only_ort=130, only_pt=100))["chosen"] == "pytorch"
+    assert choose_runtime(speed, {})["chosen"] == "pytorch"  # no labels: speed alone
+    at_best_batch = {"int8_onnxruntime": {"images_per_s": 1300.0, "batch_size": 128},
+                     "int8_pytorch": {"images_per_s": 1200.0, "batch_size": 256}}
+    sel = choose_runtime(at_best_batch, {}, at_best_batch=True)
+    assert sel["chosen"] == "onnxruntime" and sel["candidates"]["pytorch"]["batch_size"] == 256
+    assert "fastest batch" in sel["rule"]
+
+
+def test_auto_runtime_cli_keeps_the_int8_model_that_ran_faster(digits_run, tmp_path, capsys):
+    """--runtime auto builds both int8 models, times them side by side, and the card points to the one its own
+    measurement chose; the other file stays beside it and both top-1s are reported."""
+    from reslab.cli import main
+
+    code = main(["quantize", str(digits_run), "--runtime", "auto", "--calibration-images", "64",
+                 "--eval-images", "200", "--repeats", "1", "--out", str(tmp_path / "a")])
+    assert code == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "quantize.json").read_text())
+    sel, acc = report["selection"], report["accuracy"]
+    chosen, other = sel["chosen"], {"onnxruntime": "pytorch", "pytorch": "onnxruntime"}[sel["chosen"]]
+    assert f"-> {chosen}" in out and report["runtime"] == chosen
+    for rt in (chosen, other):  # the candidates are the report's own measurements
+        assert sel["candidates"][rt]["images_per_s"] == report["throughput"][f"int8_{rt}"]["images_per_s"]
+        assert sel["candidates"][rt]["top1"] == acc[f"top1_int8_{rt}"]
+    assert acc["top1_int8"] == pytest.approx(acc[f"top1_int8_{chosen}"], abs=1e-6)
+    faster = max(sel["candidates"], key=lambda rt: sel["candidates"][rt]["images_per_s"])
+    if chosen != faster:  # only for a real accuracy gain
+        assert sel["slower_top1_gain_points"] > max(0.1, 2 * sel["paired_standard_error_points"]), sel
+    files = {"onnxruntime": "model.int8.onnx", "pytorch": "model.int8.pt"}
+    assert report["files"] == {"int8": files[chosen], f"int8_{other}": files[other], "fp32": "model.fp32.onnx"}
+    assert all((tmp_path / "a" / name).exists() for name in report["files"].values())
+    card = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert card["file"] == files[chosen] and card["quantization"]["runtime"] == chosen
+    assert card["format"] == {"onnxruntime": "onnx-int8", "pytorch": "torchscript-int8"}[chosen]
+    # auto decides by timing, so it refuses to run untimed, before any work.
+    assert main(["quantize", str(digits_run), "--runtime", "auto", "--no-bench", "--out", str(tmp_path / "n")]) == 2
+    assert "--no-bench" in capsys.readouterr().err and not (tmp_path / "n").exists()

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["random_crop", "random_flip", "alternating_flip_mask", "cutout", "resize_batch", "BatchAugment",
-           "FLIP_MODES"]
+           "FLIP_MODES", "CROP_MODES"]
 
 FLIP_MODES = ("random", "alternate")
+CROP_MODES = ("constant", "reflect")
 
 
 def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -113,6 +114,8 @@ class BatchAugment:
     def __post_init__(self):
         if self.flip_mode not in FLIP_MODES:
             raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {self.flip_mode!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  flip_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,7 +54,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  qat_batch_size=args.qat_batch_size, batch_sweep=args.batch_sweep,
                  reduce_range=args.reduce_range, runtime=args.runtime)
     acc = r.get("accuracy", {})
-    int8_key = f"int8_{args.runtime}"
+    int8_key = f"int8_{r['runtime']}"
     before = (f"fp32 before QAT {100 * acc['top1_fp32_before_qat']:.2f}%, after "
               if "top1_fp32_before_qat" in acc else "fp32 ")
     print(f"top-1 {before}{100 * acc['top1_fp32']:.2f}%  int8 {100 * acc['top1_int8']:.2f}%  "
@@ -68,6 +68,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print("at each path's fastest batch: " + "  ".join(
             f"{k} {v['images_per_s']:.0f} (b{v['batch_size']})" for k, v in best["paths"].items()) +
               f"  (int8 = {best['speedup_vs_fp32_eager'][int8_key]:.2f}x fp32 eager)")
+    if "selection" in r:
+        sel = r["selection"]
+        print("--runtime auto: " + "  ".join(
+            f"{rt} {c['images_per_s']:.0f} img/s" + (f", top-1 {100 * c['top1']:.2f}%" if "top1" in c else "")
+            for rt, c in sel["candidates"].items()) + f"  -> {sel['chosen']}")
     print(f"wrote {r['written_to']}/{r['files']['int8']}, model.json, quantize.json")
     return 0
 
@@ -98,10 +103,11 @@ def _build_quantize(sub) -> None:
                         "VNNI), whose int8 kernels saturate with full-range weights")
     p.add_argument("--batch-sweep", type=_batch_sizes, default=[], metavar="B1,B2,...",
                    help="also time every path at these batch sizes and compare each at its fastest, e.g. 16,64,256")
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "pytorch"],
-                   help="int8 runtime of the card's model: onnxruntime (model.int8.onnx, portable) or pytorch "
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "pytorch", "auto"],
+                   help="int8 runtime of the card's model: onnxruntime (model.int8.onnx, portable), pytorch "
                         "(model.int8.pt, TorchScript on PyTorch's x86 int8 kernels; the ONNX Runtime int8 model is "
-                        "built too and compared side by side)")
+                        "built too and compared side by side) or auto (both built and timed here; the faster one "
+                        "whose top-1 is within 0.1 points of the other's becomes the card's model)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/quantized)")
     p.set_defaults(func=cmd_quantize)
 

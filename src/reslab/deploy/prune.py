@@ -362,14 +362,14 @@ def finetune(model: nn.Module, splits, card: dict, cfg, epochs: int, *, lr: floa
              log=None) -> nn.Module:
     """A short fine-tune: SGD with cosine decay from ``lr`` over ``epochs``, the run's augmentation and
     batch size, ``train_step`` from reslab.train.engine."""
-    from reslab.data import BatchAugment, BatchLoader
+    from reslab.data import BatchLoader
     from reslab.train.engine import autocast_dtype, build_optimizer, set_lr, train_step
 
     prep = card["preprocessing"]
     h, w = prep["input_size"]
     loader = BatchLoader(splits.train, batch_size=min(cfg.batch_size, len(splits.train.labels)), mean=prep["mean"],
                          std=prep["std"], device=device, shuffle=True, drop_last=True, seed=cfg.seed,
-                         augment=BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip, flip_mode=cfg.flip_mode),
+                         augment=cfg.batch_augment(),
                          image_size=h if (h, w) != tuple(prep["stored_size"]) else None)
     model = model.to(device).train()
     optimizer = build_optimizer(model, cfg)

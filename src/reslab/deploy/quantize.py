@@ -1,6 +1,7 @@
 """``reslab quantize``: static post-training INT8 quantization with ONNX Runtime, calibrated on training images.
 
-(``--runtime pytorch`` adds the same scheme on PyTorch's own int8 kernels: :mod:`reslab.deploy.quantize_torch`.)
+(``--runtime pytorch`` adds the same scheme on PyTorch's own int8 kernels, :mod:`reslab.deploy.quantize_torch`;
+``--runtime auto`` builds both and keeps the one that runs faster on this machine, :func:`choose_runtime`.)
 
 Why ONNX Runtime rather than PyTorch's PT2E flow: with torch 2.14 the PT2E quantizers
 (``X86InductorQuantizer``) live in the separate ``torchao`` package, which reslab does not depend on, and
@@ -33,7 +34,9 @@ from reslab.deploy.export import export_onnx, onnx_session
 from reslab.train.rundir import environment_info, write_json
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-RUNTIMES = ("onnxruntime", "pytorch")
+RUNTIMES = ("onnxruntime", "pytorch", "auto")
+# --runtime auto: an int8 runtime whose top-1 is more than this below the other's is not chosen for its speed
+AUTO_TOP1_TOLERANCE_POINTS = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,8 +92,10 @@ def compare_throughput(model: nn.Module, fp32_onnx: str | Path | None, int8_onnx
     if int8_torch is not None:
         from reslab.deploy.quantize_torch import torch_int8_logits
 
+        # TorchScript's profiling executor optimises the graph only after its first calls (5 slow ones for
+        # resnet20 here), so more warm-up than the other paths need
         results["int8_pytorch"] = measure_throughput(lambda: torch_int8_logits(int8_torch, [x]), batch,
-                                                     repeats=repeats, min_seconds=min_seconds)
+                                                     repeats=repeats, min_seconds=min_seconds, warmup=8)
     return results
 
 
@@ -292,14 +297,70 @@ def agreement(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor
     return out
 
 
-def _check_runtime(runtime: str, method: str, bias_correction: bool) -> None:
-    """Options that only the ONNX Runtime flow has are refused for ``--runtime pytorch``, before any work."""
+def _check_runtime(runtime: str, method: str, bias_correction: bool, bench: bool = True) -> None:
+    """Options that only the ONNX Runtime flow has are refused for ``--runtime pytorch``, and ``auto`` needs the
+    timing it chooses by; checked before any work."""
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "pytorch" and method != "minmax":
         raise ValueError(f"--calibration {method} is ONNX Runtime's; --runtime pytorch calibrates by min/max")
     if runtime == "pytorch" and bias_correction:
         raise ValueError("--bias-correction corrects the ONNX Runtime model; leave it out with --runtime pytorch")
+    if runtime == "auto" and not bench:
+        raise ValueError("--runtime auto keeps the int8 runtime that runs faster here, so it times both: "
+                         "leave out --no-bench, or name the runtime (--runtime onnxruntime|pytorch)")
+
+
+def choose_runtime(images_per_s: dict[str, dict[str, float]], correct: dict[str, torch.Tensor], *,
+                   at_best_batch: bool = False,
+                   tolerance_points: float = AUTO_TOP1_TOLERANCE_POINTS) -> dict[str, Any]:
+    """``--runtime auto``: the faster int8 runtime on this machine, unless the slower one is really more
+    accurate: better by more than ``tolerance_points`` of top-1 *and* by more than two standard errors of the
+    paired difference (McNemar: with d test images classified right by only one of the two models, the count
+    difference has standard deviation sqrt(d)), so that one image flipping on a small test set does not trade
+    a large speedup for noise.
+
+    ``images_per_s``: compare_throughput's entries ``int8_<runtime>`` (best_throughput's ``paths`` with
+    ``at_best_batch``); ``correct``: runtime -> per-test-image correctness of that int8 model (empty when there
+    are no labels: speed alone decides)."""
+    speed = {rt: images_per_s[f"int8_{rt}"]["images_per_s"] for rt in ("onnxruntime", "pytorch")}
+    fast, slow = sorted(speed, key=speed.get, reverse=True)
+    candidates = {rt: {"images_per_s": speed[rt], "batch_size": images_per_s[f"int8_{rt}"]["batch_size"]}
+                  for rt in speed}
+    selection: dict[str, Any] = {"requested": "auto", "chosen": fast, "candidates": candidates}
+    if correct:
+        for rt in speed:
+            candidates[rt]["top1"] = int(correct[rt].sum()) / correct[rt].numel()
+        n = correct[fast].numel()
+        gain = 100 * (candidates[slow]["top1"] - candidates[fast]["top1"])
+        standard_error = 100 * float((correct[slow] != correct[fast]).sum()) ** 0.5 / n
+        if gain > tolerance_points and gain > 2 * standard_error:
+            selection["chosen"] = slow
+        selection.update({"slower_top1_gain_points": gain, "paired_standard_error_points": standard_error})
+    selection["rule"] = (f"the faster int8 runtime (images/s{' at its fastest batch' if at_best_batch else ''}), "
+                         f"unless the slower one's top-1 is higher by > {tolerance_points} points and > 2 paired "
+                         "standard errors")
+    return selection
+
+
+def _int8_method(runtime: str, calibration_method: str, calibration: list[torch.Tensor], reduce_range: bool,
+                 bias_info: dict | None) -> dict[str, Any]:
+    """How the card's int8 model was made (``quantize.json``'s and ``model.json``'s ``method``)."""
+    info: dict[str, Any] = {
+        "runtime": "onnxruntime", "format": "QDQ",
+        "weights": "int8 symmetric per-channel" + (", 7-bit [-64, 64] (reduce_range)" if reduce_range
+                                                    else " [-127, 127]"),
+        "reduce_range": reduce_range, "activations": "uint8 asymmetric per-tensor",
+        "calibration": calibration_method, "calibration_images": int(sum(b.shape[0] for b in calibration)),
+        "bias_correction": bias_info or False}
+    if runtime == "pytorch":
+        from reslab.deploy.quantize_torch import ENGINE
+
+        info.update({"runtime": "pytorch", "format": "TorchScript (FX graph mode, frozen)", "engine": ENGINE,
+                     "weights": "int8 symmetric per-channel [-127, 127]", "calibration": "minmax",
+                     "bias_correction": False,
+                     "activations": "uint8 asymmetric per-tensor" + (", 7-bit (reduce_range)" if reduce_range else "")})
+    return info
 
 
 def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
@@ -314,14 +375,16 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     ``runtime="pytorch"`` also writes ``out/model.int8.pt`` (PyTorch's x86 int8 kernels,
     :mod:`reslab.deploy.quantize_torch`) and makes it the card's model; the ONNX Runtime int8 model is still
     built, so the report compares the two int8 runtimes side by side (``top1_int8_onnxruntime``,
-    ``int8_onnxruntime``/``int8_pytorch`` throughput).
+    ``int8_onnxruntime``/``int8_pytorch`` throughput). ``runtime="auto"`` builds and times both the same way and
+    makes the faster one the card's model (:func:`choose_runtime`; the choice, with both candidates' speed and
+    top-1, is the report's ``selection``); it needs ``bench_batch``.
 
     ``calibration``: normalised batches (training images); ``evaluation``/``labels``: test batches for the
     accuracy comparison; ``bench_batch``: the batch timed for throughput (skipped when None);
     ``sweep_batches``: more batches (other sizes) timed the same way, for :func:`best_throughput`.
     ``reduce_range``: 7-bit weights (see :func:`quantize_onnx`; default: on CPUs without VNNI).
     """
-    _check_runtime(runtime, method, bias_correction)
+    _check_runtime(runtime, method, bias_correction, bench=bench_batch is not None)
     reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,53 +404,25 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
         bias_info = bias_correct_onnx(prepared, int8_path, list(images.split(16)))
         prepared.unlink(missing_ok=True)
     int8_torch, torch_path = None, out / "model.int8.pt"
-    if runtime == "pytorch":
+    if runtime in ("pytorch", "auto"):
         from reslab.deploy.quantize_torch import quantize_torch, save_torch_int8
 
         # 7-bit activations where the CPU lacks VNNI (FBGEMM's 16-bit accumulation), as the ONNX path's weights
         int8_torch = quantize_torch(model, calibration, reduce_range=reduce_range)
         save_torch_int8(int8_torch, torch_path)
     seconds = time.perf_counter() - t0
-    paths = ({"int8": int8_path, "fp32": fp32_path} if int8_torch is None else
-             {"int8": torch_path, "int8_onnxruntime": int8_path, "fp32": fp32_path})
-    files = {k: p.name for k, p in paths.items()}
-    report: dict[str, Any] = {
-        "model": card.get("model"),
-        "runtime": runtime,
-        "method": {"runtime": "onnxruntime", "format": "QDQ",
-                   "weights": "int8 symmetric per-channel" + (", 7-bit [-64, 64] (reduce_range)" if reduce_range
-                                                               else " [-127, 127]"),
-                   "reduce_range": reduce_range,
-                   "activations": "uint8 asymmetric per-tensor", "calibration": method,
-                   "calibration_images": int(sum(b.shape[0] for b in calibration)),
-                   "bias_correction": bias_info or False},
-        "files": files,
-        "size_bytes": {k: p.stat().st_size for k, p in paths.items()},
-        "quantize_seconds": seconds,
-    }
-    if int8_torch is not None:
-        from reslab.deploy.quantize_torch import ENGINE
-
-        report["method"].update({"runtime": "pytorch", "format": "TorchScript (FX graph mode, frozen)",
-                                 "engine": ENGINE, "weights": "int8 symmetric per-channel [-127, 127]",
-                                 "activations": "uint8 asymmetric per-tensor" + (", 7-bit (reduce_range)"
-                                                                                 if reduce_range else "")})
+    int8_files = {"onnxruntime": int8_path, "pytorch": torch_path if int8_torch is not None else None}
+    report: dict[str, Any] = {"model": card.get("model"), "quantize_seconds": seconds}
+    correct: dict[str, torch.Tensor] = {}
     if evaluation:
         from reslab.deploy.quantize_torch import torch_int8_logits
 
         ref = torch_logits(model, evaluation)
-        q_onnx = onnx_logits(int8_path, evaluation)
-        q = q_onnx if int8_torch is None else torch_int8_logits(int8_torch, evaluation)
-        report["accuracy"] = agreement(ref, q, labels)
-        if int8_torch is not None and labels is not None:
-            report["accuracy"]["top1_int8_onnxruntime"] = float((q_onnx.argmax(1) == labels).float().mean())
+        q = {"onnxruntime": onnx_logits(int8_path, evaluation)}
+        if int8_torch is not None:
+            q["pytorch"] = torch_int8_logits(int8_torch, evaluation)
         if labels is not None:
-            report["accuracy"]["top1_fp32"] = report["accuracy"].pop("top1_reference")
-            report["accuracy"]["top1_int8"] = report["accuracy"].pop("top1_other")
-            report["accuracy"]["top1_drop_points"] = 100 * (report["accuracy"]["top1_fp32"] -
-                                                             report["accuracy"]["top1_int8"])
-            if before_bias_correction is not None:
-                report["accuracy"]["top1_int8_before_bias_correction"] = before_bias_correction
+            correct = {rt: logits.argmax(1) == labels for rt, logits in q.items()}
     if bench_batch is not None:
         tp = compare_throughput(model, fp32_path, int8_path, bench_batch, repeats=repeats, min_seconds=min_seconds,
                                 int8_torch=int8_torch)
@@ -402,11 +437,33 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
             by_batch.setdefault(int(bench_batch.shape[0]), report["throughput"])
         report["throughput_by_batch"] = {str(b): by_batch[b] for b in sorted(by_batch)}
         report["best_throughput"] = best_throughput(by_batch)
+    if runtime == "auto":
+        speed = report["best_throughput"]["paths"] if sweep_batches else report["throughput"]
+        report["selection"] = choose_runtime(speed, correct, at_best_batch=bool(sweep_batches))
+        chosen = report["selection"]["chosen"]
+    else:
+        chosen = runtime
+    paths = {"int8": int8_files[chosen]}
+    paths.update({f"int8_{rt}": p for rt, p in int8_files.items() if rt != chosen and p is not None})
+    paths["fp32"] = fp32_path
+    report.update({"runtime": chosen, "method": _int8_method(chosen, method, calibration, reduce_range, bias_info),
+                   "files": {k: p.name for k, p in paths.items()},
+                   "size_bytes": {k: p.stat().st_size for k, p in paths.items()}})
+    if evaluation:
+        report["accuracy"] = agreement(ref, q[chosen], labels)
+        if labels is not None:
+            acc = report["accuracy"]
+            acc["top1_fp32"], acc["top1_int8"] = acc.pop("top1_reference"), acc.pop("top1_other")
+            acc["top1_drop_points"] = 100 * (acc["top1_fp32"] - acc["top1_int8"])
+            if len(correct) > 1:  # every int8 runtime built, the chosen one included
+                acc.update({f"top1_int8_{rt}": int(c.sum()) / c.numel() for rt, c in correct.items()})
+            if before_bias_correction is not None:
+                acc["top1_int8_before_bias_correction"] = before_bias_correction
     report["environment"] = environment_info("cpu")
     int8_card = {k: v for k, v in card.items() if k not in ("files",)}
     h, w = card["preprocessing"]["input_size"]
-    int8_card.update({"format": "onnx-int8" if int8_torch is None else "torchscript-int8",
-                      "file": files["int8"],
+    int8_card.update({"format": "onnx-int8" if chosen == "onnxruntime" else "torchscript-int8",
+                      "file": report["files"]["int8"],
                       "input": {"name": "input", "shape": ["batch", card["in_chans"], h, w], "dtype": "float32",
                                 "layout": "NCHW", "note": "decode, resize and normalise with `preprocessing` first"},
                       "output": {"name": "logits", "shape": ["batch", card["num_classes"]]},
@@ -458,13 +515,14 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     ``batch_sweep``: also time every path at these batch sizes and report each at its fastest
     (:func:`best_throughput`). ``reduce_range``: 7-bit weights (default: on CPUs without VNNI, where full-range
     int8 weights saturate ONNX Runtime's kernels; :func:`cpu_has_vnni`); QAT simulates the same range.
-    ``runtime``: ``onnxruntime`` (``model.int8.onnx``) or ``pytorch`` (``model.int8.pt`` as well, PyTorch's x86
-    int8 kernels; see :func:`quantize_model`).
+    ``runtime``: ``onnxruntime`` (``model.int8.onnx``), ``pytorch`` (``model.int8.pt`` as well, PyTorch's x86
+    int8 kernels) or ``auto`` (both, the faster one on this machine as the card's model); see
+    :func:`quantize_model`.
     """
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
 
-    _check_runtime(runtime, method, bias_correction)
+    _check_runtime(runtime, method, bias_correction, bench=bench)
     if calibration_images < 1:
         raise ValueError(f"--calibration-images must be >= 1, got {calibration_images}")
     if any(b < 1 for b in batch_sweep):
@@ -483,7 +541,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
         original = model
         model, qat_info = _qat(model, card, run_dir, splits.train, epochs=qat_epochs, lr=qat_lr, images=qat_images,
                                batch_size=qat_batch_size, seed=seed, calibration=calibration,
-                               weight_qmax=64 if reduce_range and runtime == "onnxruntime" else 127)
+                               weight_qmax=64 if reduce_range and runtime != "pytorch" else 127)
     evaluation, labels = _split_batches(splits.test, card, eval_images, batch_size=256, seed=seed)
     bench_batch, sweep = None, []
     if bench:
@@ -521,7 +579,7 @@ def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: i
          calibration: list[torch.Tensor] | None = None, weight_qmax: int = 127) -> tuple[nn.Module, dict]:
     """Quantization-aware fine-tuning on the run's training images with the run's preprocessing card and
     augmentation (``config.yaml``; plain batches when the run has none)."""
-    from reslab.data import BatchAugment, BatchLoader
+    from reslab.data import BatchLoader
     from reslab.deploy.qat import qat_finetune
     from reslab.train.config import load_config_file
 
@@ -535,8 +593,7 @@ def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: i
     batch_size = min(batch_size or (cfg.batch_size if cfg is not None else 64), n)
     prep = card["preprocessing"]
     h, w = prep["input_size"]
-    augment = (BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip, flip_mode=cfg.flip_mode)
-               if cfg is not None else None)
+    augment = cfg.batch_augment() if cfg is not None else None
     loader = BatchLoader(train_images, batch_size=batch_size, mean=prep["mean"], std=prep["std"],
                          device=torch.device("cpu"), shuffle=True, drop_last=True, seed=seed, augment=augment,
                          image_size=h if (h, w) != tuple(prep["stored_size"]) else None)
@@ -548,5 +605,6 @@ def _qat(model: nn.Module, card: dict, run_dir: Path, train_images, *, epochs: i
         set_epoch=loader.set_epoch, weight_qmax=weight_qmax)
     info.update({"lr_default": "run lr / 100" if lr == run_lr / 100 else None, "run_lr": run_lr,
                  "train_images": n, "batch_size": batch_size,
-                 "augmentation": {"crop_padding": cfg.crop_padding, "flip": cfg.flip} if cfg is not None else None})
+                 "augmentation": {"crop_padding": cfg.crop_padding, "crop_mode": cfg.crop_mode, "flip": cfg.flip}
+                 if cfg is not None else None})
     return model, info

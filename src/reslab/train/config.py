@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from reslab.data.augment import FLIP_MODES
+from reslab.data.augment import CROP_MODES, FLIP_MODES, BatchAugment
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,7 @@ class TrainConfig:
 
     # --- augmentation (batched, on the training device)
     crop_padding: int = 4  # pad-and-crop, He et al. §4.2
+    crop_mode: str = "constant"  # the padding's fill: constant (zeros: the mean colour) | reflect (airbench's random translate)
     flip: bool = True
     flip_mode: str = "random"  # random | alternate (each image mirrored in every other epoch; airbench §3.6)
     progressive_sizes: list[int] = field(default_factory=list)  # progressive resizing: equal phases at these sides
@@ -168,6 +169,7 @@ class TrainConfig:
             "drop_path_schedule": ("constant", "linear"),
             "guide_layers": ("stages", "blocks"),
             "flip_mode": FLIP_MODES,
+            "crop_mode": CROP_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -183,6 +185,11 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(f"invalid --model: {e}") from None
         return self
+
+    def batch_augment(self) -> BatchAugment:
+        """The training augmentation these options describe (the loop, QAT and pruning fine-tunes share it)."""
+        return BatchAugment(crop_padding=self.crop_padding, crop_mode=self.crop_mode, flip=self.flip,
+                            flip_mode=self.flip_mode)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -151,7 +151,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
 
 
 def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step) -> TrainSummary:
-    from reslab.data import BatchAugment, BatchLoader, load_data
+    from reslab.data import BatchLoader, load_data
     from reslab.data.augment import resize_batch
     from reslab.data.sources import stratified_split
 
@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         splits.train = splits.train.subset(stratified_split(splits.train.labels, cfg.train_fraction, cfg.seed)[1])
     common = dict(mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last,
                   image_size=cfg.image_size)
-    augment = BatchAugment(crop_padding=cfg.crop_padding, flip=cfg.flip, flip_mode=cfg.flip_mode)
+    augment = cfg.batch_augment()
     train_loader = BatchLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                augment=augment, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                **common)
