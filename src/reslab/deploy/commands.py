@@ -107,7 +107,7 @@ def _build_quantize(sub) -> None:
                    help="int8 runtime of the card's model: onnxruntime (model.int8.onnx, portable), pytorch "
                         "(model.int8.pt, TorchScript on PyTorch's x86 int8 kernels; the ONNX Runtime int8 model is "
                         "built too and compared side by side) or auto (both built and timed here; the faster one "
-                        "whose top-1 is within 0.1 points of the other's becomes the card's model)")
+                        "becomes the card's model unless the other is really more accurate: docs/deploy.md)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/quantized)")
     p.set_defaults(func=cmd_quantize)
 

@@ -35,8 +35,10 @@ from reslab.train.rundir import environment_info, write_json
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 RUNTIMES = ("onnxruntime", "pytorch", "auto")
-# --runtime auto: an int8 runtime whose top-1 is more than this below the other's is not chosen for its speed
+# --runtime auto: an int8 runtime whose top-1 is more than this below the other's is not chosen for its speed,
+# and a speed lead under AUTO_SPEED_TIE (a fraction) is a tie, which the higher top-1 wins
 AUTO_TOP1_TOLERANCE_POINTS = 0.1
+AUTO_SPEED_TIE = 0.05
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,12 +315,14 @@ def _check_runtime(runtime: str, method: str, bias_correction: bool, bench: bool
 
 def choose_runtime(images_per_s: dict[str, dict[str, float]], correct: dict[str, torch.Tensor], *,
                    at_best_batch: bool = False,
-                   tolerance_points: float = AUTO_TOP1_TOLERANCE_POINTS) -> dict[str, Any]:
+                   tolerance_points: float = AUTO_TOP1_TOLERANCE_POINTS,
+                   speed_tie: float = AUTO_SPEED_TIE) -> dict[str, Any]:
     """``--runtime auto``: the faster int8 runtime on this machine, unless the slower one is really more
     accurate: better by more than ``tolerance_points`` of top-1 *and* by more than two standard errors of the
     paired difference (McNemar: with d test images classified right by only one of the two models, the count
     difference has standard deviation sqrt(d)), so that one image flipping on a small test set does not trade
-    a large speedup for noise.
+    a large speedup for noise. A speed lead under ``speed_tie`` (5 %: within the run-to-run noise of side-by-side
+    medians on a shared machine) is a tie, and a tie goes to the higher top-1.
 
     ``images_per_s``: compare_throughput's entries ``int8_<runtime>`` (best_throughput's ``paths`` with
     ``at_best_batch``); ``correct``: runtime -> per-test-image correctness of that int8 model (empty when there
@@ -334,12 +338,13 @@ def choose_runtime(images_per_s: dict[str, dict[str, float]], correct: dict[str,
         n = correct[fast].numel()
         gain = 100 * (candidates[slow]["top1"] - candidates[fast]["top1"])
         standard_error = 100 * float((correct[slow] != correct[fast]).sum()) ** 0.5 / n
-        if gain > tolerance_points and gain > 2 * standard_error:
+        tie = speed[fast] < (1 + speed_tie) * speed[slow]
+        if (gain > tolerance_points and gain > 2 * standard_error) or (tie and gain > 0):
             selection["chosen"] = slow
         selection.update({"slower_top1_gain_points": gain, "paired_standard_error_points": standard_error})
     selection["rule"] = (f"the faster int8 runtime (images/s{' at its fastest batch' if at_best_batch else ''}), "
                          f"unless the slower one's top-1 is higher by > {tolerance_points} points and > 2 paired "
-                         "standard errors")
+                         f"standard errors, or higher at all when the faster leads by < {100 * speed_tie:.0f} %")
     return selection
 
 
