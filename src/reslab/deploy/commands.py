@@ -78,7 +78,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _build_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="static INT8 post-training quantization (ONNX Runtime or PyTorch), with a report")
+    p = sub.add_parser("quantize",
+                       help="static INT8 post-training quantization (ONNX Runtime or PyTorch), with a report")
     p.add_argument("run", help="run directory or checkpoint folder")
     p.add_argument("--data", default=None, help="dataset spec for calibration and test (default: the run's data)")
     p.add_argument("--calibration-images", type=int, default=512, help="training images used for calibration")

@@ -77,7 +77,7 @@ class TrainConfig:
 
     # --- augmentation (batched, on the training device)
     crop_padding: int = 4  # pad-and-crop, He et al. §4.2
-    crop_mode: str = "constant"  # the padding's fill: constant (zeros: the mean colour) | reflect (airbench's random translate)
+    crop_mode: str = "constant"  # padding fill: constant (zeros: the mean colour) | reflect (airbench's translate)
     flip: bool = True
     flip_mode: str = "random"  # random | alternate (each image mirrored in every other epoch; airbench §3.6)
     progressive_sizes: list[int] = field(default_factory=list)  # progressive resizing: equal phases at these sides
