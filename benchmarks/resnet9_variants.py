@@ -3,10 +3,12 @@
 Each variant is the whitened ResNet-9 at 3/8 width with one option changed (``pool_first``, ``widths``); every
 repetition times each variant in turn on the same batch (channels_last, bf16 autocast where the CPU has native
 bf16 as with `--amp auto`, the optimizer `reslab train` builds: the `reslab train` step), and the median
-images/s and its ratio to the first variant are reported. The last variant is the `fast` recipe's net with
-`--optimizer muon` (Muon on the conv filters: the Newton-Schulz iterations' cost); ``--compile`` adds that net
-under ``torch.compile`` (as `reslab train --compile` runs it) and records each variant's warm-up time, which for
-the compiled one is the one-time compilation. Synthetic inputs: speed does not depend on the pixels.
+images/s and its ratio to the first variant are reported. The last two are the `fast` recipe's net with
+`--optimizer muon` (Muon on the conv filters: the Newton-Schulz iterations' cost), and the same with its
+whitening biases frozen (what `--whiten-bias-epochs N` does after epoch N: no input gradient for the first
+conv); ``--compile`` adds that net under ``torch.compile`` (as `reslab train --compile` runs it) and records
+each variant's warm-up time, which for the compiled one is the one-time compilation. Synthetic inputs: speed
+does not depend on the pixels.
 
     python benchmarks/resnet9_variants.py --threads 2 --out benchmarks/results/resnet9_variants-<machine>-<date>.json
 """
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.models import create_model
-from reslab.models.whitening import fit_data_dependent_init
+from reslab.models.whitening import fit_data_dependent_init, set_whitening_bias_trainable
 from reslab.train.config import TrainConfig
 from reslab.train.engine import autocast, autocast_dtype, build_optimizer
 from reslab.train.rundir import environment_info, write_json
@@ -34,6 +36,8 @@ VARIANTS = {
     "pool_first + widths [24, 48, 128, 256]": FAST_NET,
     "pool_first + widths [24, 48, 96, 256]": {"pool_first": True, "widths": [24, 48, 96, 256]},
     "pool_first + widths [24, 48, 128, 256], Muon": {**FAST_NET, "optimizer": "muon"},
+    "the same, whitening biases frozen (--whiten-bias-epochs, after the first epochs)":
+        {**FAST_NET, "optimizer": "muon", "freeze_whiten_bias": True},
 }
 
 
@@ -41,8 +45,10 @@ def make_step(kwargs: dict, x: torch.Tensor, y: torch.Tensor):
     kwargs = dict(kwargs)
     optimizer = kwargs.pop("optimizer", "nesterov")
     compiled = kwargs.pop("compile", False)
+    freeze_whiten_bias = kwargs.pop("freeze_whiten_bias", False)
     model = create_model("resnet9", **BASE, **kwargs).to(memory_format=torch.channels_last)
     fit_data_dependent_init(model, torch.randn(512, *x.shape[1:]))
+    set_whitening_bias_trainable(model, not freeze_whiten_bias)
     forward = torch.compile(model) if compiled else model
     opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=0.01, no_decay_bn_bias=True))
     dtype = autocast_dtype(torch.device("cpu"), "auto")
@@ -89,9 +95,11 @@ def main() -> None:
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t))
     base = statistics.median(next(iter(rates.values())))
     rows = {name: {"model_kwargs": {k: v for k, v in {**BASE, **variants[name]}.items()
-                                    if k not in ("optimizer", "compile")},
+                                    if k not in ("optimizer", "compile", "freeze_whiten_bias")},
                    "optimizer": variants[name].get("optimizer", "nesterov"),
-                   "compile": variants[name].get("compile", False), "images_per_s": statistics.median(r),
+                   "compile": variants[name].get("compile", False),
+                   "whiten_bias_frozen": variants[name].get("freeze_whiten_bias", False),
+                   "images_per_s": statistics.median(r),
                    "ratio": statistics.median(r) / base, "warmup_s": warmup_s[name], "repetitions": r}
             for name, r in rates.items()}
     for name, row in rows.items():

@@ -76,3 +76,33 @@ def test_the_three_options_train_from_the_cli(tmp_path):
     assert len(bn_scales) == 7 and all((weights[k] == 1).all() for k in bn_scales)
     bn_biases = [k[:-len("weight")] + "bias" for k in bn_scales]
     assert all(weights[k].abs().sum() > 0 for k in bn_biases)  # they learned (they start at 0)
+
+
+def test_whiten_bias_epochs_freezes_the_stem_biases_after_n_epochs(tmp_path):
+    """--whiten-bias-epochs 1 over 3 epochs: the whitening biases end as they were after epoch 1 (which is the
+    same in a 1-epoch run: constant schedule), while the rest of the net, and the biases without the option,
+    keep learning; 0 never trains them. A model without a whitening stem is refused, naming the option."""
+    from reslab.train import train
+    from reslab.train.engine import TrainingError
+
+    base = dict(model="resnet9", model_kwargs=FAST_NET, data="digits", batch_size=64, schedule="constant",
+                lr=0.05, progress=False, amp="off", threads=1, image_size=16)
+    train(TrainConfig(**base, epochs=1), out=str(tmp_path / "one"))
+    train(TrainConfig(**base, epochs=3, whiten_bias_epochs=1), out=str(tmp_path / "frozen"))
+    train(TrainConfig(**base, epochs=3), out=str(tmp_path / "trained"))
+    one, frozen, trained = (load_file(tmp_path / name / "checkpoints" / "last" / "model.safetensors")
+                            for name in ("one", "frozen", "trained"))
+    assert one["stem.0.bias"].abs().sum() > 0  # they learned in epoch 1 (they start at 0)
+    assert torch.equal(frozen["stem.0.bias"], one["stem.0.bias"])
+    assert not torch.equal(trained["stem.0.bias"], one["stem.0.bias"])
+    assert not torch.equal(frozen["fc.weight"], one["fc.weight"])
+    assert json.loads((tmp_path / "frozen" / "summary.json").read_text())["final"]["test_top1"] > 0.5  # chance: 0.1
+    # From the CLI, 0 freezes them from the start: they stay at their initial zeros.
+    main(["train", "--data", "digits", "--model", "resnet9", "--model-kwargs", json.dumps(FAST_NET),
+          "--image-size", "16", "--epochs", "1", "--whiten-bias-epochs", "0", "--no-progress", "--threads", "1",
+          "--out", str(tmp_path / "cli")])
+    cli = load_file(tmp_path / "cli" / "checkpoints" / "last" / "model.safetensors")
+    assert (cli["stem.0.bias"] == 0).all() and not torch.equal(cli["fc.weight"], trained["fc.weight"])
+    with pytest.raises(TrainingError, match="--whiten-bias-epochs"):
+        train(TrainConfig(model="resnet20", data="digits", epochs=1, progress=False, whiten_bias_epochs=1),
+              out=str(tmp_path / "plain"))

@@ -197,6 +197,21 @@ def test_resnet9_layout_and_width():
         create_model("resnet9", width=0)
 
 
+def test_resnet9_pages_head():
+    """head_pool="max" + logit_scale: global max-pool, then the fc's logits times the scale (Page 2018)."""
+    torch.manual_seed(0)
+    model = create_model("resnet9", width=0.25, head_pool="max", logit_scale=0.125).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.fc(features.amax(dim=(2, 3))) * 0.125
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(model(x, pre_logits=True), features.amax(dim=(2, 3)))
+    for bad in ({"head_pool": "mean"}, {"logit_scale": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            create_model("resnet9", **bad)
+
+
 def test_resnext29_cardinality():
     model = create_model("resnext29_8x64d")
     assert [s.channels for s in model.stage_info] == [256, 512, 1024]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from reslab.train import TrainConfig, resolve_config, train
 from reslab.train.config import ConfigError, load_config_file
-from reslab.train.engine import TrainingError
+from reslab.train.engine import Lookahead, TrainingError
 from reslab.train.objectives import linear_cka
 from reslab.train.schedules import lr_multiplier, progressive_size
 
@@ -47,11 +47,11 @@ def test_default_recipe_learns_digits(tmp_path):
 
 
 @pytest.mark.parametrize("augment", [{}, {"flip": True, "flip_mode": "alternate"}, {"optimizer": "muon"},
-                                     {"progressive_sizes": [8, 12, 16]}])
+                                     {"progressive_sizes": [8, 12, 16]}, {"lookahead_every": 4}])
 def test_resume_is_exact(tmp_path, augment):
     """Two epochs straight equal one epoch + interruption + resume, bit for bit (alternating flips too,
     which depend on the epoch; Muon's momentum buffers and group learning rates too; progressive resizing,
-    whose image size depends on the step)."""
+    whose image size depends on the step; lookahead's slow weights, interrupted between two syncs)."""
     cfg = TrainConfig(**{**FAST, **augment}, epochs=2, schedule="onecycle", warmup_iters=5, lr=0.05)
     train(cfg, out=str(tmp_path / "straight"))
 
@@ -149,6 +149,40 @@ def test_ema_and_label_smoothing_run(tmp_path):
     from reslab.evaluate import evaluate
 
     assert evaluate(tmp_path / "r")["top1"] == pytest.approx(summary.final["test_top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("total_steps", [4, 5])
+def test_lookahead_follows_its_update_rule(total_steps):
+    """Every k steps: slow <- d*slow + (1-d)*fast with d = peak*(t/T)^3, fast <- slow; after the last step
+    (a sync step or not) the model keeps the slow weights, BN running statistics included; between syncs the
+    fast weights are left alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    la = Lookahead(model, every=2, peak_decay=0.8, total_steps=total_steps)
+    slow = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for step in range(1, total_steps + 1):
+        with torch.no_grad():
+            for v in model.state_dict().values():
+                if v.is_floating_point():
+                    v.add_(torch.randn_like(v))  # an optimiser step (and new BN statistics)
+        fast = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        la.after_step(model, step)
+        now = model.state_dict()
+        if step % 2 == 0:
+            d = 0.8 * (step / total_steps) ** 3
+            slow = {k: d * slow[k] + (1 - d) * fast[k] for k in slow}
+        expected = slow if step % 2 == 0 or step == total_steps else fast
+        for k in expected:
+            torch.testing.assert_close(now[k], expected[k])
+    assert la.decay(total_steps) == pytest.approx(0.8) and la.decay(0) == 0
+
+
+def test_lookahead_trains_and_refuses_ema(tmp_path):
+    summary = train(TrainConfig(**FAST, epochs=4, schedule="onecycle", warmup_iters=10, lookahead_every=5),
+                    out=str(tmp_path / "r"))
+    assert summary.final["test_top1"] > 0.85
+    with pytest.raises(ConfigError, match="--lookahead-every"):
+        TrainConfig(**FAST, lookahead_every=5, ema_decay=0.9).validate()
 
 
 def test_bf16_autocast_trains_like_fp32(tmp_path):

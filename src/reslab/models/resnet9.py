@@ -5,7 +5,7 @@ built for few epochs and wide, hardware-friendly convolutions rather than depth.
     layer1  conv 3x3, 128 -> max-pool 2 -> residual block   16x16   (block: two 3x3 convs, 128)
     layer2  conv 3x3, 256 -> max-pool 2                     8x8
     layer3  conv 3x3, 512 -> max-pool 2 -> residual block   4x4     (block: two 3x3 convs, 512)
-    head    global pool -> fc
+    head    global pool -> fc (Page: global max-pool, then logits x 0.125)
 
 Every conv is followed by BN and ReLU. The residual blocks are the library's ``BasicBlock`` (He et al. 2016,
 Fig. 5 left; ReLU after the sum, where Page's blocks end in ReLU before it). 6.57M parameters and 0.38 GMACs
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 
 from .base import StageInfo
@@ -28,6 +29,7 @@ from .registry import register_model
 from .whitening import PatchWhitening
 
 STEMS = ("conv", "whiten")
+HEAD_POOLS = ("avg", "max")
 
 
 def _downsample_stage(in_channels: int, out_channels: int, residual: bool, pool_first: bool) -> nn.Sequential:
@@ -50,15 +52,21 @@ def _downsample_stage(in_channels: int, out_channels: int, residual: bool, pool_
 class ResNet9(StagedNet):
     """Page's ResNet-9 (see the module docstring); ``width`` multiplies the 64/128/256/512 channels, or
     ``widths`` gives the four explicitly (the stem's is ignored with ``stem="whiten"``); ``pool_first``: see
-    ``_downsample_stage``; ``identity_init``: Dirac-initialised 3x3 convs (``blocks.dirac_init``, airbench)."""
+    ``_downsample_stage``; ``identity_init``: Dirac-initialised 3x3 convs (``blocks.dirac_init``, airbench);
+    ``head_pool="max"`` and ``logit_scale=0.125``: Page's head (global max-pool; the logits scaled down by a
+    constant, which with label smoothing keeps the softmax from saturating early; airbench uses 1/9)."""
 
     def __init__(self, *, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, stem: str = "conv",
                  widths: Sequence[int] | None = None, pool_first: bool = False, zero_init_residual: bool = False,
-                 identity_init: bool = False):
+                 identity_init: bool = False, head_pool: str = "avg", logit_scale: float = 1.0):
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        if head_pool not in HEAD_POOLS:
+            raise ValueError(f"head_pool must be one of {', '.join(HEAD_POOLS)}, got {head_pool!r}")
+        if not logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
         if widths is None:
             widths = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
         elif len(widths) != 4 or not all(isinstance(c, int) and c > 0 for c in widths):
@@ -73,9 +81,19 @@ class ResNet9(StagedNet):
                   (_downsample_stage(c1, c2, False, pool_first), StageInfo("layer2", c2, 4)),
                   (_downsample_stage(c2, c3, True, pool_first), StageInfo("layer3", c3, 8))]
         super().__init__(stem_module, stages, num_classes=num_classes)
+        self.head_pool, self.logit_scale = head_pool, logit_scale
         init_weights(self, zero_init_residual)
         if identity_init:
             dirac_init(self)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head_pool == "max":
+            return torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1)
+        return super().pool(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = super().forward_head(x, pre_logits)
+        return x if pre_logits or self.logit_scale == 1.0 else x * self.logit_scale
 
 
 @register_model(paper="Page 2018, How to train your ResNet (DAWNBench)", input_size=(3, 32, 32), num_classes=10,

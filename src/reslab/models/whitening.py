@@ -64,6 +64,20 @@ def data_dependent_modules(model: nn.Module) -> list[PatchWhitening]:
     return [m for m in model.modules() if isinstance(m, PatchWhitening)]
 
 
+def set_whitening_bias_trainable(model: nn.Module, trainable: bool) -> bool:
+    """Train or freeze the biases of every patch-whitening stem; returns whether anything changed.
+
+    airbench trains them for the first 3 epochs only (Jordan 2024, airbench94's ``whiten_bias_train_steps``):
+    once they are frozen nothing before the first 3x3 conv learns, so backward skips that conv's input
+    gradient and the stem's, which on a CPU is 1.14x on the ``fast`` net's step (docs/performance.md)."""
+    changed = False
+    for module in data_dependent_modules(model):
+        if module.bias.requires_grad != trainable:
+            module.bias.requires_grad_(trainable)
+            changed = True
+    return changed
+
+
 def fit_data_dependent_init(model: nn.Module, images: torch.Tensor) -> int:
     """Fit every data-dependent layer of ``model`` (its patch-whitening stems) on ``images``; returns how many."""
     modules = data_dependent_modules(model)

@@ -87,6 +87,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step's model
     ema_decay: float = 0.0  # exponential moving average of weights (0 = off), evaluated instead of raw weights
+    whiten_bias_epochs: int | None = None  # train whitening-stem biases for the first N epochs only (airbench: 3)
+    lookahead_every: int = 0  # lookahead: sync slow weights every N steps (0 = off; airbench uses 5)
+    lookahead_decay: float = 0.77  # the slow weights' final decay per sync, reached as (step/total)^3 (0.95^5)
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
     retain_memory: bool = True  # keep freed memory in the process (glibc malloc): no page faults per step
 
@@ -135,6 +138,14 @@ class TrainConfig:
             bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.whiten_bias_epochs is not None and self.whiten_bias_epochs < 0:
+            bad("whiten_bias_epochs", f"must be >= 0 (0: frozen from the start), got {self.whiten_bias_epochs}")
+        if self.lookahead_every < 0:
+            bad("lookahead_every", f"must be >= 0 (0 = off), got {self.lookahead_every}")
+        if not 0 < self.lookahead_decay < 1:
+            bad("lookahead_decay", f"must be in (0, 1), got {self.lookahead_decay}")
+        if self.lookahead_every and self.ema_decay:
+            bad("lookahead_every", "lookahead and --ema-decay both average the weights; use one of them")
         if not 0 <= self.drop_path_rate < 1:
             bad("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
         if self.grad_noise < 0:

@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from reslab.models import count_macs, count_params, create_model
-from reslab.models.whitening import data_dependent_modules, fit_data_dependent_init
+from reslab.models.whitening import data_dependent_modules, fit_data_dependent_init, set_whitening_bias_trainable
 from reslab.train import distributed as dist_utils
 from reslab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from reslab.train.config import TrainConfig, load_config_file, save_config
-from reslab.train.engine import (ModelEMA, TrainingError, autocast_dtype, build_optimizer, check_loss,
+from reslab.train.engine import (Lookahead, ModelEMA, TrainingError, autocast_dtype, build_optimizer, check_loss,
                                  eval_out_of_memory_message, evaluate_loader, freeze_norm_weights, is_oom,
                                  out_of_memory_message, retain_freed_memory, select_device, set_lr, train_step)
 from reslab.train.objectives import build_objective, gradient_noise_hook, set_drop_path_scale
@@ -210,6 +210,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
         freeze_modules(model, cfg.freeze)
     if cfg.freeze_norm_weight and not freeze_norm_weights(model):
         raise TrainingError(f"--freeze-norm-weight: {cfg.model} has no BatchNorm/GroupNorm scales to freeze")
+    if cfg.whiten_bias_epochs is not None and not data_dependent_modules(model):
+        raise TrainingError(f"--whiten-bias-epochs: {cfg.model} has no patch-whitening stem (resnet9 has one with "
+                            "--model-kwargs '{\"stem\": \"whiten\"}')")
     init_seconds = 0.0
     if not resuming and not cfg.init_from and data_dependent_modules(model):
         # Patch-whitening stems are fitted on training images before the first step (then checkpointed).
@@ -235,6 +238,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    lookahead = (Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay, total_steps)
+                 if cfg.lookahead_every else None)
 
     # --- run directory
     if run_dir is None:
@@ -258,6 +263,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             ema.module.load_state_dict(ckpt.ema_state)
         st = ckpt.train_state
         optimizer.load_state_dict(st["optimizer"])
+        if lookahead is not None and st.get("lookahead") is not None:
+            lookahead.load_state_dict(st["lookahead"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         torch.set_rng_state(st["rng_cpu"])
@@ -273,9 +280,12 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                                 device=device)
     step_ref = [step]  # the step the gradient-noise hook sees
     before_update = gradient_noise_hook(cfg, step_ref)
-    train_model = dist.wrap(model)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+
+    def wrap_for_training(model: nn.Module) -> nn.Module:
+        wrapped = dist.wrap(model)
+        return torch.compile(wrapped) if cfg.compile else wrapped
+
+    train_model = wrap_for_training(model)
 
     def save(name: str, metrics: dict | None = None) -> None:
         if not is_main:
@@ -289,6 +299,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             "step": step, "epoch": epoch, "best_score": best_score, "best_metrics": best_metrics,
             "skipped_steps": skipped_steps, "lr_scale": lr_scale,
             "train_seconds": train_seconds, "train_images": train_images,
+            "lookahead": lookahead.state_dict() if lookahead is not None else None,
         }
         save_checkpoint(ckpt_dir / name, model_state=_state_dict(model), train_state=train_state,
                         ema_state=ema.module.state_dict() if ema is not None else None,
@@ -321,6 +332,9 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             if train_loader.state_dict()["epoch"] != epoch:  # equal only when resuming mid-epoch
                 train_loader.set_epoch(epoch)
             model.train()
+            if cfg.whiten_bias_epochs is not None and set_whitening_bias_trainable(
+                    model, epoch < cfg.whiten_bias_epochs) and dist.enabled:
+                train_model = wrap_for_training(model)  # DDP registers the parameters that need gradients
             loss_sum = torch.zeros((), device=device)
             correct_sum = torch.zeros((), device=device, dtype=torch.long)
             seen, t_epoch, epoch_start = 0, time.perf_counter(), step
@@ -356,6 +370,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                     correct_sum += result.correct
                     seen += y.numel()
                 step += 1
+                if lookahead is not None:
+                    lookahead.after_step(model, step)
                 if progress is not None:
                     progress.update(1)
                     if step % 10 == 0 or step == total_steps:
