@@ -176,6 +176,20 @@ def test_matryoshka_gradients_are_averaged_across_ranks(tmp_path):
     assert _max_diff(single, out) < TOLERANCE
 
 
+def test_whitening_biases_frozen_mid_run_under_ddp(tmp_path):
+    """--whiten-bias-epochs 1: the biases stop needing gradients after epoch 1, so DDP is rebuilt around the
+    model (its reducer would otherwise wait for their gradients and hang); 2 processes still match one."""
+    flags = [*FLAGS, "--model", "resnet9", "--image-size", "16", "--whiten-bias-epochs", "1", "--model-kwargs",
+             '{"stem": "whiten", "widths": [8, 16, 16, 16], "pool_first": true}']
+    single = tmp_path / "one"
+    assert main(["train", *flags, "--out", str(single)]) == 0
+    out = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *flags, "--out", str(out)],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert _max_diff(single, out) < TOLERANCE
+
+
 # ------------------------------------------------------------------------------------------------------------
 # in-process pieces
 
