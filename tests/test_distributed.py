@@ -163,10 +163,8 @@ def test_error_on_one_rank_only_stops_the_whole_job_promptly(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # rank 0 never got to train
 
 
-def test_matryoshka_gradients_are_averaged_across_ranks(tmp_path):
-    """Issue 9: the nested loss used to call the bare network, outside DDP's forward, so gradients were never
-    all-reduced and each rank trained on its half of the batch. Now 2 processes reach the weights of one."""
-    flags = [*FLAGS, "--matryoshka", "8,16,32,64"]
+def _assert_two_processes_match_one(flags: list[str], tmp_path: Path) -> None:
+    """``flags`` trained in this process and by ``--nproc 2`` reach the same weights."""
     single = tmp_path / "one"
     assert main(["train", *flags, "--out", str(single)]) == 0
     out = tmp_path / "two"
@@ -174,6 +172,13 @@ def test_matryoshka_gradients_are_averaged_across_ranks(tmp_path):
                           env=_env(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert _max_diff(single, out) < TOLERANCE
+
+
+def test_matryoshka_gradients_are_averaged_across_ranks(tmp_path):
+    """Issue 9: the nested loss used to call the bare network, outside DDP's forward, so gradients were never
+    all-reduced and each rank trained on its half of the batch. Now 2 processes reach the weights of one."""
+    flags = [*FLAGS, "--matryoshka", "8,16,32,64"]
+    _assert_two_processes_match_one(flags, tmp_path)
 
 
 def test_whitening_biases_frozen_mid_run_under_ddp(tmp_path):
@@ -181,13 +186,7 @@ def test_whitening_biases_frozen_mid_run_under_ddp(tmp_path):
     model (its reducer would otherwise wait for their gradients and hang); 2 processes still match one."""
     flags = [*FLAGS, "--model", "resnet9", "--image-size", "16", "--whiten-bias-epochs", "1", "--model-kwargs",
              '{"stem": "whiten", "widths": [8, 16, 16, 16], "pool_first": true}']
-    single = tmp_path / "one"
-    assert main(["train", *flags, "--out", str(single)]) == 0
-    out = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *flags, "--out", str(out)],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert _max_diff(single, out) < TOLERANCE
+    _assert_two_processes_match_one(flags, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------------
