@@ -69,7 +69,7 @@ def set_whitening_bias_trainable(model: nn.Module, trainable: bool) -> bool:
 
     airbench trains them for the first 3 epochs only (Jordan 2024, airbench94's ``whiten_bias_train_steps``):
     once they are frozen nothing before the first 3x3 conv learns, so backward skips that conv's input
-    gradient and the stem's, which on a CPU is 1.14x on the ``fast`` net's step (docs/performance.md)."""
+    gradient and the stem's, which on a CPU is 1.07-1.14x on the ``fast`` net's step (docs/performance.md)."""
     changed = False
     for module in data_dependent_modules(model):
         if module.bias.requires_grad != trainable:

@@ -323,10 +323,10 @@ class Lookahead:
         sync = step % self.every == 0
         if not sync and step < self.total_steps:
             return
-        fast = model.state_dict()
+        fast, weight = model.state_dict(), 1 - self.decay(step)
         for name, slow in self.slow.items():
             if sync:  # after the last step, hand the slow weights back whether or not it is a sync step
-                slow.lerp_(fast[name], 1 - self.decay(step))
+                slow.lerp_(fast[name], weight)
             fast[name].copy_(slow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
