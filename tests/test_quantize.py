@@ -361,8 +361,14 @@ def test_auto_runtime_cli_keeps_the_int8_model_that_ran_faster(digits_run, tmp_p
         assert sel["candidates"][rt]["top1"] == acc[f"top1_int8_{rt}"]
     assert acc["top1_int8"] == pytest.approx(acc[f"top1_int8_{chosen}"], abs=1e-6)
     faster = max(sel["candidates"], key=lambda rt: sel["candidates"][rt]["images_per_s"])
-    if chosen != faster:  # only for a real accuracy gain
-        assert sel["slower_top1_gain_points"] > max(0.1, 2 * sel["paired_standard_error_points"]), sel
+    if chosen != faster:  # only for a real accuracy gain, or any gain when the speeds tie
+        from reslab.deploy.quantize import AUTO_SPEED_TIE, AUTO_TOP1_TOLERANCE_POINTS
+
+        speeds = sorted(c["images_per_s"] for c in sel["candidates"].values())
+        gain = sel["slower_top1_gain_points"]
+        significant = gain > max(AUTO_TOP1_TOLERANCE_POINTS, 2 * sel["paired_standard_error_points"])
+        tied = speeds[1] < (1 + AUTO_SPEED_TIE) * speeds[0] and gain > 0
+        assert significant or tied, sel
     files = {"onnxruntime": "model.int8.onnx", "pytorch": "model.int8.pt"}
     assert report["files"] == {"int8": files[chosen], f"int8_{other}": files[other], "fp32": "model.fp32.onnx"}
     assert all((tmp_path / "a" / name).exists() for name in report["files"].values())
