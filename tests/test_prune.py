@@ -63,6 +63,35 @@ def test_scores_prefer_a_channel_that_matters_over_a_zeroed_one():
     assert sum(u.width - len(keep[u.name]) for u in prunable_units(model)) <= 3
 
 
+@pytest.mark.parametrize("name,side,round_to", [("resnet20", 32, 8), ("resnet50", 64, 16)])
+def test_round_to_keeps_multiples_of_the_simd_width(name, side, round_to):
+    model, batches = _calibrated(name, side)
+    pruned, info = prune_model(model, batches, 0.5, input_size=(3, side, side), round_to=round_to)
+    assert count_macs(pruned, (3, side, side)) <= 0.5 * count_macs(model, (3, side, side)) * 1.0001
+    widths = {u.name: u.width for u in prunable_units(model)}
+    kept = info["kept_channels"]
+    assert any(kept[n] < widths[n] for n in kept)  # something was pruned
+    for n, k in kept.items():  # a multiple of round_to, or the unit untouched
+        assert k == widths[n] or k % round_to == 0, (n, k, widths[n])
+    assert info["round_to"] == round_to and inner_channels_of(pruned) == info["model_kwargs"]["inner_channels"]
+
+
+def test_round_to_removes_the_least_important_channels_as_one_chunk():
+    """Eight silenced channels of one unit, scattered: under a budget that removes about eight channels in
+    all, round_to=8 removes exactly them (the least important chunk), and a 16-wide unit keeps 8 or 16."""
+    model, batches = _calibrated("resnet20", 32)
+    block, dead = model.layer1[1], [0, 3, 4, 7, 9, 10, 13, 15]
+    with torch.no_grad():
+        block.conv1.weight[dead] = 0.0
+        block.bn1.weight[dead] = 0.0
+        block.bn1.bias[dead] = 0.0
+    keep = select_channels(model, channel_importance(model, batches), 0.99, (3, 32, 32), round_to=8)
+    assert keep["layer1.1.conv1"] == [c for c in range(16) if c not in dead]
+    assert all(len(v) in (u.width, u.width - 8) for u in prunable_units(model) for v in [keep[u.name]])
+    with pytest.raises(ValueError, match="--round-to"):
+        select_channels(model, channel_importance(model, batches), 0.5, (3, 32, 32), round_to=0)
+
+
 def test_score_equals_the_measured_feature_change():
     """The closed form matches brute force: zero one channel, measure the consumer BN output's change."""
     model, batches = _calibrated("resnet20", 32)
@@ -107,12 +136,16 @@ def digits_run(tmp_path_factory):
     return train_quick_digits(tmp_path_factory.mktemp("prune") / "run")
 
 
-def test_prune_run_finetune_and_eval(digits_run, tmp_path):
+def test_prune_run_finetune_and_eval(digits_run, tmp_path, capsys):
     from reslab.cli import main
 
     r = prune(digits_run, 0.5, finetune_epochs=1, out=tmp_path / "p", measure_speed=False, export_onnx=True,
               calibration_images=128)
+    err = capsys.readouterr().err
+    assert "fine-tune macs-0.50" in err and "fine-tune unpruned (control)" in err  # progress bars
     point = r["points"][0]
+    # the control: the unpruned net fine-tuned the same way, the fair reference for the fine-tuned point
+    assert r["baseline"]["top1_finetuned"] >= r["baseline"]["top1"] - 0.05
     assert abs(point["macs_fraction"] - 0.5) < 0.03 and "top1_finetuned" in point
     # Half the multiply-adds of a ~97 % model: one-shot keeps most of it, the fine-tune epoch recovers more.
     assert point["top1_oneshot"] >= 0.8 and point["top1_finetuned"] >= r["baseline"]["top1"] - 0.05, r
@@ -140,9 +173,15 @@ def test_prune_cli_curve(digits_run, tmp_path, capsys):
         assert p["macs_before"] == base["macs"] and p["params_before"] == base["params"]
         assert p["target_macs"] - 0.03 <= p["macs_fraction"] <= p["target_macs"] * 1.0001
         assert p["macs_after"] == pytest.approx(p["macs_fraction"] * base["macs"])
-        assert p["speedup"] == pytest.approx(p["images_per_s"] / base["images_per_s"])
+        for path in ("eager", "deployed"):  # both paths timed for every model, side by side
+            assert p[f"{path}_speedup"] == pytest.approx(p[f"{path}_images_per_s"] / base[f"{path}_images_per_s"])
         assert (tmp_path / "c" / f"macs-{p['target_macs']:.2f}" / "prune.json").is_file()
         assert f"target {p['target_macs']:.2f}: {p['macs_after'] / 1e6:.2f} M MACs" in printed
+        assert f"{p['eager_speedup']:.2f}x eager, {p['deployed_speedup']:.2f}x deployed" in printed
     assert base["params"] > points[0]["params_after"] > points[1]["params_after"]  # smaller budget, fewer params
     assert (tmp_path / "c" / "prune-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["prune", str(digits_run), "--target-macs", "1.5"]) == 2
+    # an unreachable budget among several fails before any pruning or fine-tuning, naming the option
+    assert main(["prune", str(digits_run), "--target-macs", "0.7,0.01", "--finetune-epochs", "1",
+                 "--out", str(tmp_path / "u")]) == 2
+    assert "--target-macs 0.01" in capsys.readouterr().err and not (tmp_path / "u" / "macs-0.70").exists()

@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["RESULTS_DIR", "median_rate", "time_calls", "matmul_peak", "loadavg", "write_result", "format_table",
-           "set_threads"]
+__all__ = ["RESULTS_DIR", "median_rate", "time_calls", "time_interleaved", "matmul_peak", "loadavg", "write_result",
+           "format_table", "set_threads"]
 
 RESULTS_DIR = Path("benchmarks") / "results"
 
@@ -56,6 +56,20 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 5, min_seconds: float = 
                 break
         per_call.append(elapsed / calls)
     return per_call
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, min_seconds: float = 0.2,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, timed side by side: every repetition runs each function in turn
+    (:func:`time_calls` with one repetition), so a change of load on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].extend(time_calls(fn, repeats=1, min_seconds=min_seconds, warmup=0))
+    return samples
 
 
 def median_rate(samples: Sequence[float]) -> float:

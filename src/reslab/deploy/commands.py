@@ -139,17 +139,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     r = prune(args.run, args.target_macs, data=args.data, finetune_epochs=args.finetune_epochs,
               finetune_lr=args.finetune_lr, calibration_images=args.calibration_images, min_keep=args.min_keep,
-              out=args.out, device=args.device, measure_speed=not args.no_bench, export_onnx=args.export_onnx)
+              round_to=args.round_to, out=args.out, device=args.device, measure_speed=not args.no_bench,
+              export_onnx=args.export_onnx, progress=not args.no_progress)
     b = r["baseline"]
     print(f"unpruned: {b['macs'] / 1e6:.2f} M MACs  top-1 {100 * b['top1']:.2f}% "
-          f"({100 * b['top1_bn_recalibrated']:.2f}% with BN statistics re-estimated as the pruned nets get)")
+          f"({100 * b['top1_bn_recalibrated']:.2f}% with BN statistics re-estimated as the pruned nets get"
+          + (f", {100 * b['top1_finetuned']:.2f}% after the same fine-tune" if "top1_finetuned" in b else "") + ")")
     for p in r["points"]:
         line = (f"target {p['target_macs']:.2f}: {p['macs_after'] / 1e6:.2f} M MACs ({p['macs_fraction']:.3f})  "
                 f"params {p['params_after']:,}  top-1 one-shot {100 * p['top1_oneshot']:.2f}%")
         if "top1_finetuned" in p:
             line += f"  fine-tuned {100 * p['top1_finetuned']:.2f}%"
-        if "speedup" in p:
-            line += f"  speedup {p['speedup']:.2f}x"
+        if "eager_speedup" in p:
+            line += f"  speedup {p['eager_speedup']:.2f}x eager, {p['deployed_speedup']:.2f}x deployed"
         print(line + f"  -> {p['run']}")
     return 0
 
@@ -164,8 +166,11 @@ def _build_prune(sub) -> None:
     p.add_argument("--data", default=None, help="dataset spec (default: the run's data)")
     p.add_argument("--calibration-images", type=int, default=256, help="training images scored and BN-recalibrated on")
     p.add_argument("--min-keep", type=float, default=0.1, help="fraction of each block's channels always kept")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep a multiple of N channels per pruned unit (8 or 16 fill the CPU's SIMD blocks)")
     p.add_argument("--export-onnx", action="store_true", help="also export each pruned model to ONNX (parity checked)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
+    p.add_argument("--no-progress", action="store_true", help="no fine-tuning progress bar")
     p.add_argument("--device", default="auto", help="device for fine-tuning")
     p.add_argument("--out", default=None, help="output folder (default: RUN/pruned)")
     p.set_defaults(func=cmd_prune)

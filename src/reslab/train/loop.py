@@ -320,7 +320,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
             out.update({f"{split}_top1": r["top1"], f"{split}_top5": r["top5"], f"{split}_loss": r["loss"]})
         return out
 
-    progress = _progress_bar(cfg.progress and is_main, total_steps, step, cfg.model)
+    progress = progress_bar(cfg.progress and is_main, total_steps, step, cfg.model)
     writer = _tensorboard(run_dir) if cfg.tensorboard and is_main else None
     status, last_eval = "finished", {}
     train_seconds, train_images = prior_train_seconds, prior_train_images
@@ -478,7 +478,8 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A step progress bar (tqdm: rate and ETA) on stderr, or None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
