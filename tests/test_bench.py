@@ -110,7 +110,8 @@ def read_result(path):
     return result
 
 
-def test_bench_train_writes_json(tmp_path, tiny_folder):
+@pytest.mark.parametrize("isolate", [True, False])
+def test_bench_train_writes_json(tmp_path, tiny_folder, isolate):
     from reslab.bench.train_speed import bench_train
     from reslab.train.engine import cpu_has_fast_bf16
 
@@ -120,8 +121,9 @@ def test_bench_train_writes_json(tmp_path, tiny_folder):
     result = bench_train(str(tiny_folder), iterations=2, warmup=1, repeats=1, reference_iterations=2,
                          reference_workers=0, reference_batch_size=8,
                          configs={"reslab b8": {"batch_size": 8, "eval_batch_size": 64}},
-                         ablation=variants, ablation_images=16, threads=1, out=str(out))
+                         ablation=variants, ablation_images=16, threads=1, out=str(out), isolate=isolate)
     saved = read_result(out)
+    assert saved["isolated_processes"] is isolate
     assert [r["pipeline"] for r in saved["rows"]] == ["reference", "reslab b8"]
     for row in saved["rows"]:
         assert row["images_per_s"] > 0 and row["fraction_of_peak"] > 0
@@ -131,6 +133,20 @@ def test_bench_train_writes_json(tmp_path, tiny_folder):
     assert saved["training_flops_per_image"] > 0
     assert [r["variant"] for r in saved["ablation"]] == ["fp32", "bf16 cl"]
     assert result["path"] == str(out)
+
+
+def test_isolated_sample_runs_in_a_fresh_process_and_reports_its_failure(tiny_folder):
+    import os
+
+    from reslab.bench.train_speed import run_isolated
+
+    options = dict(data=str(tiny_folder), iterations=1, warmup=1, batch_size=8, workers=0)
+    first = run_isolated("reference_sample", threads=1, **options)
+    second = run_isolated("reference_sample", threads=1, **options)
+    assert first["images_per_s"] > 0 and first["process"]["threads"] == 1
+    assert len({os.getpid(), first["process"]["pid"], second["process"]["pid"]}) == 3  # a new process each
+    with pytest.raises(RuntimeError, match="no_such_function"):
+        run_isolated("no_such_function")
 
 
 @pytest.mark.parametrize("bf16", [True, False])

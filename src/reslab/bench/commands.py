@@ -27,7 +27,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                          reference_iterations=args.reference_iterations, reference_workers=args.workers,
                          ablation=None if args.no_ablation else variants,
                          ablation_images=args.ablation_images,
-                         configs=configs, reference=args.reference, threads=args.threads, out=args.out)
+                         configs=configs, reference=args.reference, threads=args.threads, out=args.out,
+                         isolate=not args.in_process)
     print_train(result)
     return 0
 
@@ -80,6 +81,9 @@ def _build_bench(sub) -> None:
     t.add_argument("--no-ablation", action="store_true", help="skip the one-change-at-a-time table")
     t.add_argument("--ablation-images", type=int, default=2048, help="images timed per ablation variant")
     t.add_argument("--reference", default=None, help="path of reference_pipeline.py (default: benchmarks/)")
+    t.add_argument("--in-process", action="store_true",
+                   help="time both sides in this process instead of a fresh process per sample (reslab's "
+                        "allocator setting then also speeds up the reference)")
     _common(t)
     t.set_defaults(func=cmd_bench_train)
 

@@ -6,7 +6,11 @@ The reference (``benchmarks/reference_pipeline.py``): ImageFolder over JPEGs + P
 run for a fixed number of iterations and timed step to step through ``on_step``, so data loading is included
 and the one-time costs (first-step kernel set-up, ``torch.compile``) are measured separately.
 
-The two sides alternate, ``repeats`` times, and the medians are compared. The ablation table times the same
+The two sides alternate, ``repeats`` times, and the medians are compared. Each sample runs in a fresh Python
+process (:func:`run_isolated`), as each side runs for its user: the reference as a plain script with the C
+library's malloc at its defaults, reslab as ``reslab train`` does (its ``--retain-memory`` default tunes glibc's
+malloc process-wide, so in one shared process it would also speed up every reference sample after the first).
+``isolate=False`` (``--in-process``) keeps everything in this process. The ablation table times the same
 step functions the loop uses (``BatchLoader`` + ``engine.train_step``) with one optimisation changed at a time.
 
 Training FLOPs per image = 3 x forward multiply-adds x 2 (forward, and backward for inputs and weights);
@@ -18,7 +22,12 @@ fp32), so neither the peak nor the ablation times it there: the loop does not us
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +127,40 @@ def loop_throughput(data: str, *, model: str = "resnet20", iterations: int = 40,
             "loop_train_images_per_s": summary.train_images_per_s}
 
 
+def reference_sample(data: str, *, reference: str | None = None, model: str = "resnet20", num_classes: int = 10,
+                     in_chans: int = 3, iterations: int = 30, warmup: int = 3, batch_size: int = 128,
+                     workers: int = 2, loader=None) -> dict[str, Any]:
+    """One timed run of the reference pipeline, training reslab's ``model`` (so both sides train the same net)."""
+    from reslab.models import create_model
+
+    ref = load_reference(reference)
+    train_dir = str(train_dir_of(data))
+    loader = loader if loader is not None else ref.make_loader(train_dir, batch_size, workers)
+    net = create_model(model, num_classes=num_classes, in_chans=in_chans)
+    return ref.reference_throughput(train_dir, iterations=iterations, warmup=warmup, model=net, loader=loader)
+
+
+def run_isolated(function: str, threads: int | None = None, **kwargs) -> dict[str, Any]:
+    """``train_speed.<function>(**kwargs)`` in a fresh Python process, its result dict back as JSON: no
+    allocator setting, warm cache or thread pool carries over from one sample to the next. The result's
+    ``process`` holds that process's ID and thread count."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    code = ("import json, os, sys; from reslab.bench import set_threads, train_speed; "
+            "threads = set_threads(int(sys.argv[3])); "
+            "result = getattr(train_speed, sys.argv[1])(**json.loads(sys.argv[2])); "
+            "result['process'] = {'pid': os.getpid(), 'threads': threads}; "
+            "print('RESULT ' + json.dumps(result))")
+    proc = subprocess.run([sys.executable, "-c", code, function, json.dumps(kwargs), str(threads or 0)],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"benchmark sample {function}({kwargs}) failed in its own process "
+                           f"(exit code {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The ablation: the loop's step functions with one change at a time
 
@@ -193,16 +236,18 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
                 reference_iterations: int = 30, reference_workers: int = 2, reference_batch_size: int = 128,
                 ablation: list[tuple[str, dict[str, Any]]] | None = None, ablation_images: int = 2048,
                 configs: dict[str, dict[str, Any]] | None = None,
-                reference: str | None = None, threads: int | None = None, out: str | None = None) -> dict:
+                reference: str | None = None, threads: int | None = None, out: str | None = None,
+                isolate: bool = True) -> dict:
     """Measure the reference pipeline and reslab's loop side by side (``repeats`` interleaved rounds) and write
     ``benchmarks/results/train.json``; returns the result. ``ablation`` (None or empty: no ablation) is a list of
-    (name, :class:`StepRunner` options) pairs (:func:`ablation_variants`), the first the baseline of the speed-ups."""
+    (name, :class:`StepRunner` options) pairs (:func:`ablation_variants`), the first the baseline of the speed-ups.
+    ``isolate``: every sample in a fresh process (:func:`run_isolated`; module docstring)."""
     from reslab.data import load_data
 
     threads_used = set_threads(threads)
     load_before = loadavg()
     train_dir = train_dir_of(data)
-    ref = load_reference(reference)
+    load_reference(reference)  # a missing script fails here, before any timing
     splits = load_data(str(data), progress=False)  # the one-time decode into the cache happens here
     shape = (splits.channels, *splits.image_size)
     flops_per_image = training_flops_per_image(model, splits.num_classes, shape)
@@ -210,9 +255,20 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
     peak_dtype = "bf16" if cpu_has_fast_bf16() else "fp32"
     peaks: dict[str, list[float]] = {"bf16": [], "fp32": []} if peak_dtype == "bf16" else {"fp32": []}
 
-    from reslab.models import create_model
+    reference_options = dict(reference=str(reference) if reference else None, model=model,
+                             num_classes=splits.num_classes, in_chans=splits.channels,
+                             iterations=reference_iterations, warmup=warmup, batch_size=reference_batch_size,
+                             workers=reference_workers)
+    if isolate:
+        def sample(function: str, **kwargs) -> dict[str, Any]:
+            return run_isolated(function, threads_used, **kwargs)
+    else:  # one process; the reference's DataLoader (and its workers) built once and reused
+        ref_loader = load_reference(reference).make_loader(str(train_dir), reference_batch_size, reference_workers)
+        in_process = {"reference_sample": functools.partial(reference_sample, loader=ref_loader),
+                      "loop_throughput": loop_throughput}
 
-    ref_loader = ref.make_loader(str(train_dir), reference_batch_size, reference_workers)
+        def sample(function: str, **kwargs) -> dict[str, Any]:
+            return in_process[function](**kwargs)
     configs = configs if configs is not None else LOOP_CONFIGS
     samples: dict[str, list[dict]] = {"reference": [], **{name: [] for name in configs}}
     for _ in range(repeats):
@@ -221,13 +277,10 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
             if name in peaks:
                 peaks[name].append(matmul_peak(dtype, repeats=3))
         # The same network on both sides (reslab's resnet20, fp32 contiguous for the reference).
-        net = create_model(model, num_classes=splits.num_classes, in_chans=splits.channels)
-        samples["reference"].append(ref.reference_throughput(str(train_dir), iterations=reference_iterations,
-                                                             warmup=warmup, model=net, loader=ref_loader))
+        samples["reference"].append(sample("reference_sample", data=str(data), **reference_options))
         for name, overrides in configs.items():
-            samples[name].append(loop_throughput(str(data), model=model, iterations=iterations, warmup=warmup,
-                                                 **overrides))
-    del ref_loader
+            samples[name].append(sample("loop_throughput", data=str(data), model=model, iterations=iterations,
+                                        warmup=warmup, **overrides))
 
     peak = {name: median_rate(samples) for name, samples in peaks.items()}
     ref_rate = median_rate([s["images_per_s"] for s in samples["reference"]])
@@ -249,6 +302,7 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
     result = {
         "model": model, "data": str(data), "repeats": repeats, "iterations": iterations,
         "reference_iterations": reference_iterations, "torch_threads": threads_used,
+        "isolated_processes": isolate,
         "training_flops_per_image": flops_per_image,
         "peak_dtype": peak_dtype, "peak_matmul_flops": peak[peak_dtype],
         "peak_bf16_matmul_flops": peak.get("bf16"), "peak_fp32_matmul_flops": peak["fp32"], "peak_samples": peaks,
@@ -263,8 +317,9 @@ def bench_train(data: str, *, model: str = "resnet20", iterations: int = 40, war
 
 
 def print_train(result: dict) -> None:
+    isolated = ", each in a fresh process" if result.get("isolated_processes") else ""
     print(f"{result['model']} training on {result['data']}, {result['torch_threads']} threads, median of "
-          f"{result['repeats']} interleaved repetitions; {result['peak_dtype']} matmul peak "
+          f"{result['repeats']} interleaved repetitions{isolated}; {result['peak_dtype']} matmul peak "
           f"{result['peak_matmul_flops'] / 1e9:,.0f} GFLOP/s; load average {result['loadavg_before']} -> "
           f"{result['loadavg_after']}")
     print(format_table(result["rows"], [("pipeline", "pipeline"), ("images_per_s", "images/s"),
