@@ -285,6 +285,43 @@ def test_pytorch_runtime_writes_a_torchscript_int8_model_that_keeps_accuracy(dig
     assert r["size_bytes"]["int8"] < 0.5 * r["size_bytes"]["fp32"]
 
 
+@pytest.mark.parametrize("engine", ["x86", "onednn"])
+def test_each_pytorch_engine_keeps_accuracy_and_the_file_names_its_engine(digits_run, tmp_path, engine):
+    """Both int8 engines give the fp32 model's answers; packed weights belong to their engine, so the file
+    records it and loading switches to it, whatever engine the process had."""
+    from reslab.deploy.quantize import _split_batches, default_reduce_range
+    from reslab.deploy.quantize_torch import load_torch_int8, quantize_torch, save_torch_int8, torch_int8_logits
+    from reslab.evaluate.evaluate import load_data_for_model
+    from reslab.train.checkpoint import load_model
+
+    model, card = load_model(digits_run, device="cpu")
+    splits = load_data_for_model(card, None)
+    calibration, _ = _split_batches(splits.train, card, 128, batch_size=64)
+    test, labels = _split_batches(splits.test, card, None, batch_size=128)
+    module = quantize_torch(model, calibration, reduce_range=default_reduce_range(), engine=engine)
+    assert module.quantized_engine == engine
+    logits = torch_int8_logits(module, test)
+    with torch.no_grad():
+        fp32 = torch.cat([model.eval()(x) for x in test])
+    assert (logits.argmax(1) == fp32.argmax(1)).float().mean() >= 0.97
+    assert (logits.argmax(1) == labels).float().mean() >= (fp32.argmax(1) == labels).float().mean() - 0.01
+    save_torch_int8(module, tmp_path / "m.pt")
+    torch.backends.quantized.engine = {"x86": "onednn", "onednn": "x86"}[engine]  # the other one
+    loaded = load_torch_int8(tmp_path / "m.pt")
+    assert loaded.quantized_engine == engine == torch.backends.quantized.engine
+    torch.testing.assert_close(torch_int8_logits(loaded, test), logits)
+
+
+def test_default_engine_follows_vnni(monkeypatch):
+    import reslab.deploy.quantize as q
+    from reslab.deploy.quantize_torch import default_engine
+
+    monkeypatch.setattr(q, "cpu_has_vnni", lambda: True)
+    assert default_engine() == "x86"
+    monkeypatch.setattr(q, "cpu_has_vnni", lambda: False)  # AVX2: oneDNN measured 1.5x faster
+    assert default_engine() == "onednn"
+
+
 def test_pytorch_runtime_cli_times_both_int8_runtimes(digits_run, tmp_path, capsys):
     from reslab.cli import main
 
@@ -296,7 +333,10 @@ def test_pytorch_runtime_cli_times_both_int8_runtimes(digits_run, tmp_path, caps
     report = json.loads((tmp_path / "c" / "quantize.json").read_text())
     assert {"fp32_eager", "fp32_onnxruntime", "int8_onnxruntime", "int8_pytorch"} <= set(report["throughput"])
     assert report["speedup_vs_fp32_eager"]["int8_pytorch"] > 0
-    # Options of the ONNX Runtime flow only are refused with the option named, before any work is done.
+    assert report["method"]["engine"] in ("x86", "onednn")
+    # Options of one runtime's flow only are refused with the option named, before any work is done.
+    assert main(["quantize", str(digits_run), "--torch-engine", "onednn", "--out", str(tmp_path / "e")]) == 2
+    assert "--torch-engine" in capsys.readouterr().err and not (tmp_path / "e").exists()
     assert main(["quantize", str(digits_run), "--runtime", "pytorch", "--calibration", "entropy",
                  "--out", str(tmp_path / "e")]) == 2
     assert "--calibration entropy" in capsys.readouterr().err

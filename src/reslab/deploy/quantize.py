@@ -299,11 +299,18 @@ def agreement(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor
     return out
 
 
-def _check_runtime(runtime: str, method: str, bias_correction: bool, bench: bool = True) -> None:
-    """Options that only the ONNX Runtime flow has are refused for ``--runtime pytorch``, and ``auto`` needs the
-    timing it chooses by; checked before any work."""
+def _check_runtime(runtime: str, method: str, bias_correction: bool, bench: bool = True,
+                   torch_engine: str | None = None) -> None:
+    """Options that only the ONNX Runtime flow has are refused for ``--runtime pytorch``, the PyTorch engine
+    for ``--runtime onnxruntime``, and ``auto`` needs the timing it chooses by; checked before any work."""
+    from reslab.deploy.quantize_torch import ENGINES
+
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if torch_engine is not None and torch_engine not in ENGINES:
+        raise ValueError(f"--torch-engine must be one of {', '.join(ENGINES)}, got {torch_engine!r}")
+    if torch_engine is not None and runtime == "onnxruntime":
+        raise ValueError("--torch-engine picks PyTorch's int8 kernels; use it with --runtime pytorch or auto")
     if runtime == "pytorch" and method != "minmax":
         raise ValueError(f"--calibration {method} is ONNX Runtime's; --runtime pytorch calibrates by min/max")
     if runtime == "pytorch" and bias_correction:
@@ -349,7 +356,7 @@ def choose_runtime(images_per_s: dict[str, dict[str, float]], correct: dict[str,
 
 
 def _int8_method(runtime: str, calibration_method: str, calibration: list[torch.Tensor], reduce_range: bool,
-                 bias_info: dict | None) -> dict[str, Any]:
+                 bias_info: dict | None, engine: str | None = None) -> dict[str, Any]:
     """How the card's int8 model was made (``quantize.json``'s and ``model.json``'s ``method``)."""
     info: dict[str, Any] = {
         "runtime": "onnxruntime", "format": "QDQ",
@@ -359,9 +366,7 @@ def _int8_method(runtime: str, calibration_method: str, calibration: list[torch.
         "calibration": calibration_method, "calibration_images": int(sum(b.shape[0] for b in calibration)),
         "bias_correction": bias_info or False}
     if runtime == "pytorch":
-        from reslab.deploy.quantize_torch import ENGINE
-
-        info.update({"runtime": "pytorch", "format": "TorchScript (FX graph mode, frozen)", "engine": ENGINE,
+        info.update({"runtime": "pytorch", "format": "TorchScript (FX graph mode, frozen)", "engine": engine,
                      "weights": "int8 symmetric per-channel [-127, 127]", "calibration": "minmax",
                      "bias_correction": False,
                      "activations": "uint8 asymmetric per-tensor" + (", 7-bit (reduce_range)" if reduce_range else "")})
@@ -374,10 +379,10 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
                    repeats: int = 5, min_seconds: float = 0.5, bias_correction: bool = False,
                    bias_correction_images: int | None = None,
                    sweep_batches: Sequence[torch.Tensor] = (), reduce_range: bool | None = None,
-                   runtime: str = "onnxruntime") -> dict[str, Any]:
+                   runtime: str = "onnxruntime", torch_engine: str | None = None) -> dict[str, Any]:
     """Quantize ``model`` to ``out/model.int8.onnx`` and return a report (accuracy and throughput).
 
-    ``runtime="pytorch"`` also writes ``out/model.int8.pt`` (PyTorch's x86 int8 kernels,
+    ``runtime="pytorch"`` also writes ``out/model.int8.pt`` (PyTorch's int8 kernels,
     :mod:`reslab.deploy.quantize_torch`) and makes it the card's model; the ONNX Runtime int8 model is still
     built, so the report compares the two int8 runtimes side by side (``top1_int8_onnxruntime``,
     ``int8_onnxruntime``/``int8_pytorch`` throughput). ``runtime="auto"`` builds and times both the same way and
@@ -388,8 +393,10 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     accuracy comparison; ``bench_batch``: the batch timed for throughput (skipped when None);
     ``sweep_batches``: more batches (other sizes) timed the same way, for :func:`best_throughput`.
     ``reduce_range``: 7-bit weights (see :func:`quantize_onnx`; default: on CPUs without VNNI).
+    ``torch_engine``: PyTorch's quantized engine, ``x86`` or ``onednn`` (default: the faster for this CPU,
+    :func:`reslab.deploy.quantize_torch.default_engine`).
     """
-    _check_runtime(runtime, method, bias_correction, bench=bench_batch is not None)
+    _check_runtime(runtime, method, bias_correction, bench=bench_batch is not None, torch_engine=torch_engine)
     reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +420,7 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
         from reslab.deploy.quantize_torch import quantize_torch, save_torch_int8
 
         # 7-bit activations where the CPU lacks VNNI (FBGEMM's 16-bit accumulation), as the ONNX path's weights
-        int8_torch = quantize_torch(model, calibration, reduce_range=reduce_range)
+        int8_torch = quantize_torch(model, calibration, reduce_range=reduce_range, engine=torch_engine)
         save_torch_int8(int8_torch, torch_path)
     seconds = time.perf_counter() - t0
     int8_files = {"onnxruntime": int8_path, "pytorch": torch_path if int8_torch is not None else None}
@@ -451,7 +458,8 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
     paths = {"int8": int8_files[chosen]}
     paths.update({f"int8_{rt}": p for rt, p in int8_files.items() if rt != chosen and p is not None})
     paths["fp32"] = fp32_path
-    report.update({"runtime": chosen, "method": _int8_method(chosen, method, calibration, reduce_range, bias_info),
+    report.update({"runtime": chosen, "method": _int8_method(chosen, method, calibration, reduce_range, bias_info,
+                                                          getattr(int8_torch, "quantized_engine", None)),
                    "files": {k: p.name for k, p in paths.items()},
                    "size_bytes": {k: p.stat().st_size for k, p in paths.items()}})
     if evaluation:
@@ -506,7 +514,7 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
              bias_correction_images: int | None = None, qat_epochs: int = 0, qat_lr: float | None = None,
              qat_images: int | None = None, qat_batch_size: int | None = None,
              batch_sweep: Sequence[int] = (), reduce_range: bool | None = None,
-             runtime: str = "onnxruntime") -> dict[str, Any]:
+             runtime: str = "onnxruntime", torch_engine: str | None = None) -> dict[str, Any]:
     """``reslab quantize RUN``: int8 model + report in ``RUN/quantized`` (or ``out``).
 
     Calibrates on ``calibration_images`` random training images of ``data`` (default: the run's data),
@@ -520,14 +528,14 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     ``batch_sweep``: also time every path at these batch sizes and report each at its fastest
     (:func:`best_throughput`). ``reduce_range``: 7-bit weights (default: on CPUs without VNNI, where full-range
     int8 weights saturate ONNX Runtime's kernels; :func:`cpu_has_vnni`); QAT simulates the same range.
-    ``runtime``: ``onnxruntime`` (``model.int8.onnx``), ``pytorch`` (``model.int8.pt`` as well, PyTorch's x86
-    int8 kernels) or ``auto`` (both, the faster one on this machine as the card's model); see
-    :func:`quantize_model`.
+    ``runtime``: ``onnxruntime`` (``model.int8.onnx``), ``pytorch`` (``model.int8.pt`` as well, PyTorch's
+    int8 kernels, ``torch_engine`` ``x86`` or ``onednn``, default the faster for this CPU) or ``auto`` (both,
+    the faster one on this machine as the card's model); see :func:`quantize_model`.
     """
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
 
-    _check_runtime(runtime, method, bias_correction, bench=bench)
+    _check_runtime(runtime, method, bias_correction, bench=bench, torch_engine=torch_engine)
     if calibration_images < 1:
         raise ValueError(f"--calibration-images must be >= 1, got {calibration_images}")
     if any(b < 1 for b in batch_sweep):
@@ -557,7 +565,8 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
     report = quantize_model(model, card, out, calibration, evaluation, labels, method=method,
                             bench_batch=bench_batch, repeats=repeats, min_seconds=min_seconds,
                             bias_correction=bias_correction, bias_correction_images=bias_correction_images,
-                            sweep_batches=sweep, reduce_range=reduce_range, runtime=runtime)
+                            sweep_batches=sweep, reduce_range=reduce_range, runtime=runtime,
+                            torch_engine=torch_engine)
     report["method"]["qat"] = qat_info or False
     if qat_info is not None and "accuracy" in report:  # the bar is the model before fine-tuning
         acc = report["accuracy"]
