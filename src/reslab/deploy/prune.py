@@ -419,7 +419,7 @@ def finetune(model: nn.Module, splits, card: dict, cfg, epochs: int, *, lr: floa
 
 
 def time_models(models: dict[str, nn.Module], x: torch.Tensor, *, repeats: int = 5,
-                  min_seconds: float = 0.3) -> dict[str, dict[str, float]]:
+                min_seconds: float = 0.3) -> dict[str, dict[str, float]]:
     """images/s of each model on batch ``x`` along two paths, all timed side by side (interleaved, medians):
     ``eager`` (fp32 PyTorch, what the MAC count predicts least well: per-layer overhead stays) and
     ``deployed``, the path ``reslab predict``/``serve`` run on this CPU
@@ -477,8 +477,6 @@ def prune(run: str | Path, target_macs: float | list[float] = 0.5, *, data: str 
     for t in targets:
         if not 0 < t <= 1:
             raise ValueError(f"--target-macs must be fractions in (0, 1], got {t}")
-    if round_to < 1:
-        raise ValueError(f"--round-to must be a positive number of channels, got {round_to}")
     dev = select_device(device)
     model, card = load_model(run, device="cpu")
     ckpt = find_checkpoint(run)
