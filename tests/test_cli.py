@@ -56,6 +56,23 @@ def test_predict_images(digits_run, tmp_path, capsys):
     assert correct >= 2
 
 
+def test_eval_and_predict_retain_memory_unless_told_not_to(digits_run, tmp_path, monkeypatch, capsys):
+    """Inference batches fault in fresh pages like training steps; eval and predict keep freed memory too."""
+    import importlib
+
+    evaluate_module = importlib.import_module("reslab.evaluate.evaluate")  # the package re-exports a function
+    calls = []
+    monkeypatch.setattr(evaluate_module, "retain_freed_memory", lambda: calls.append(1) or True)
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    assert main(["eval", str(digits_run), "--out", str(tmp_path / "e.json")]) == 0
+    assert main(["predict", str(digits_run), str(image)]) == 0
+    assert calls == [1, 1]
+    assert main(["eval", str(digits_run), "--out", str(tmp_path / "e.json"), "--no-retain-memory"]) == 0
+    assert main(["predict", str(digits_run), str(image), "--no-retain-memory"]) == 0
+    assert calls == [1, 1]
+
+
 def test_models_table(capsys):
     assert main(["models", "resnet*"]) == 0
     out = capsys.readouterr().out

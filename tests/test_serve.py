@@ -505,3 +505,23 @@ def test_serve_command_flags(monkeypatch, run):
     assert seen["port"] == 9001 and seen["max_batch"] == 4 and seen["max_wait_ms"] == 2.0
     assert seen["max_upload_bytes"] == 1024 * 1024 and seen["max_pixels"] == 1000
     assert seen["body_timeout_s"] == 7.0 and parser.parse_args(["serve", str(run)]).body_timeout_s == 30.0
+    assert seen["retain_memory"] is True
+    args = parser.parse_args(["serve", str(run), "--no-retain-memory"])
+    assert args.func(args) == 0 and seen["retain_memory"] is False
+
+
+def test_serve_retains_memory_in_the_server_process_only(monkeypatch, run):
+    """``serve`` (the process) keeps freed memory like training; ``create_app`` (embedded) leaves it alone."""
+    import uvicorn
+
+    from reslab.deploy import serve as serve_module
+    from reslab.train import engine
+
+    calls, served = [], []
+    monkeypatch.setattr(engine, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))
+    create_app(run)
+    assert calls == []
+    serve_module.serve(run, port=0)
+    serve_module.serve(run, port=0, retain_memory=False)
+    assert calls == [1] and len(served) == 2

@@ -645,10 +645,17 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
           max_wait_ms: float = 5.0, device: str = "auto", amp: str = "auto",
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-          body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, log_level: str = "info", access_log: bool = True) -> None:
-    """Serve ``run`` with uvicorn until interrupted (see ``create_app`` for the options)."""
+          body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, log_level: str = "info", access_log: bool = True,
+          retain_memory: bool = True) -> None:
+    """Serve ``run`` with uvicorn until interrupted (see ``create_app`` for the options). ``retain_memory``:
+    :func:`reslab.train.engine.retain_freed_memory` for the server process (``create_app`` alone leaves the
+    embedding process's allocator as it is)."""
     import uvicorn
 
+    from reslab.train.engine import retain_freed_memory
+
+    if retain_memory:
+        retain_freed_memory()
     app = create_app(run, max_batch=max_batch, max_wait_ms=max_wait_ms, device=device, amp=amp,
                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, body_timeout_s=body_timeout_s)
     shown = f"[{host}]" if ":" in host else host

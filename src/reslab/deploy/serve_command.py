@@ -21,11 +21,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve_module.serve(args.run, host=args.host, port=args.port, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, device=args.device, amp=args.amp,
                        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                       body_timeout_s=args.body_timeout_s, log_level=args.log_level, access_log=not args.no_access_log)
+                       body_timeout_s=args.body_timeout_s, log_level=args.log_level, access_log=not args.no_access_log,
+                       retain_memory=args.retain_memory)
     return 0
 
 
 def build_serve(sub) -> None:
+    from reslab.cli import add_retain_memory_flag
 
     p = sub.add_parser("serve", help="HTTP API and web page for a trained run: /predict, /saliency, /model, /health",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -45,4 +47,5 @@ def build_serve(sub) -> None:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    add_retain_memory_flag(p)
     p.set_defaults(func=cmd_serve)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
-from reslab.train.engine import autocast_dtype, evaluate_loader, select_device
+from reslab.train.engine import autocast_dtype, evaluate_loader, retain_freed_memory, select_device
 from reslab.train.rundir import environment_info, write_json
 
 
@@ -50,11 +50,14 @@ def model_loader(card: dict, images, *, device, batch_size: int = 512):
 
 def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", device: str = "auto",
              batch_size: int = 512, amp: str = "auto", tta_flip: bool = False, tta_shift: int = 0,
-             out: str | Path | None = None) -> dict[str, Any]:
+             out: str | Path | None = None, retain_memory: bool = True) -> dict[str, Any]:
     """Top-1, top-5, loss and per-class accuracy of a run's best checkpoint on a split of ``data``.
 
     Writes ``eval-<split>.json`` into the run directory (or ``out``) and returns the same dict.
+    ``retain_memory``: :func:`reslab.train.engine.retain_freed_memory` for this process, as in training.
     """
+    if retain_memory:
+        retain_freed_memory()
     dev = select_device(device)
     model, card = load_model(run, device=dev)
     ckpt = find_checkpoint(run)
@@ -85,16 +88,18 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
 
 
 def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device: str = "auto",
-            amp: str = "auto") -> list[dict[str, Any]]:
+            amp: str = "auto", retain_memory: bool = True) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file, using the preprocessing stored with the model.
 
     Runs reslab's inference path (``reslab.evaluate.inference``: on a CPU, BN folded, channels_last, bf16 where
-    ``amp`` allows, frozen TorchScript)."""
+    ``amp`` allows, frozen TorchScript). ``retain_memory``: as for :func:`evaluate`."""
     from reslab.data import ImageArray
     from reslab.data.sources import decode_image
     from reslab.evaluate.calibration import stored_temperature
     from reslab.evaluate.inference import inference_runner
 
+    if retain_memory:
+        retain_freed_memory()
     dev = select_device(device)
     model, card = load_model(run, device=dev)
     temperature = stored_temperature(run)  # 1.0 unless `reslab calibrate` fitted one
