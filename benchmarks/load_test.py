@@ -59,10 +59,12 @@ def test_images(run: str, limit: int = 512) -> tuple[list[bytes], list[str]]:
     """The run's test split as PNG files (what a client would upload) with their true class names."""
     from PIL import Image
 
+    from reslab.deploy.artifact import artifact_card
     from reslab.evaluate.evaluate import load_data_for_model
     from reslab.train.checkpoint import find_checkpoint, load_checkpoint
 
-    card = load_checkpoint(find_checkpoint(run), load_train_state=False).manifest
+    # a run directory, or an exported / quantized folder (`reslab serve` takes both)
+    card = artifact_card(run) or load_checkpoint(find_checkpoint(run), load_train_state=False).manifest
     test = load_data_for_model(card, None).test
     files, labels = [], []
     for image, label in zip(test.images[:limit], test.labels[:limit]):
@@ -158,7 +160,8 @@ def measure(args, max_batch: int, images, labels) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", help="run directory served (also the source of the test images)")
+    p.add_argument("run", help="run directory, or exported / quantized folder, served (also the source of the test "
+                               "images)")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)

@@ -465,3 +465,17 @@ def test_training_retains_memory_unless_told_not_to(tmp_path, monkeypatch):
     train(TrainConfig(**FAST, iterations=1, out=str(tmp_path / "a")))
     train(TrainConfig(**FAST, iterations=1, retain_memory=False, out=str(tmp_path / "b")))
     assert calls == [1]
+
+
+def test_evaluation_top1_breaks_exact_ties_like_argmax():
+    """Quantized logits tie often; top-1 counts argmax's choice (the quantize report's), whatever topk's order."""
+    from reslab.train.engine import evaluate_loader
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (1000, 10), generator=generator).float()  # ties in most rows
+    labels = logits.argmax(1)
+    assert (logits.topk(5, dim=1).indices[:, 0] != labels).sum() > 100  # topk alone would miss these
+    model = torch.nn.Identity()
+    loader = [(logits[i:i + 100], labels[i:i + 100]) for i in range(0, 1000, 100)]
+    result = evaluate_loader(model, loader, device=torch.device("cpu"), amp_dtype=None, num_classes=10)
+    assert result["top1"] == 1.0

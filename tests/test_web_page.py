@@ -38,29 +38,47 @@ def run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(run):
-    """A real uvicorn server on a free port, in a thread of this process."""
-    from reslab.deploy.serve import create_app
-
+def _serve_in_thread(app):
+    """A real uvicorn server for ``app`` on a free port, in a thread of this process; yields its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(run, amp="off", device="cpu"), log_level="warning", access_log=False)
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while not srv.started:
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the serve test server did not start")
         time.sleep(0.05)
-    yield url
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    from reslab.deploy.serve import create_app
+
+    yield from _serve_in_thread(create_app(run, amp="off", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def int8_server(run, tmp_path_factory):
+    """The run quantized (PyTorch int8) and served from its folder alone, without the float weights."""
+    import json
+
+    from reslab.deploy.quantize import quantize
+    from reslab.deploy.serve import create_app
+
+    folder = tmp_path_factory.mktemp("web-int8") / "q"
+    quantize(run, calibration_images=64, out=folder, bench=False, runtime="pytorch")
+    card = json.loads((folder / "model.json").read_text())
+    card.pop("source_checkpoint")
+    (folder / "model.json").write_text(json.dumps(card))
+    yield from _serve_in_thread(create_app(folder))
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +174,22 @@ def test_a_non_image_shows_the_servers_message(page, tmp_path):
     message = page.inner_text("#error")
     assert message.startswith("415") and "not an accepted image type" in message
     assert page.locator("#bars .bar-row").count() == 0
+
+
+def test_an_int8_folder_without_float_weights_shows_bars_and_says_why_no_saliency(browser, int8_server, tmp_path):
+    data = digit_png(2)
+    path = tmp_path / "digit.png"
+    path.write_bytes(data)
+    expected = api_top(int8_server, data)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(int8_server + "/")
+    page.wait_for_selector("#card dd")
+    assert "torchscript-int8" in page.inner_text("#card")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#bars .bar-row", timeout=30_000)
+    assert page.locator("#bars .bar-row .label").first.inner_text() == expected[0]["class"]
+    assert page.inner_text("#saliency-caption").startswith("no saliency")
+    assert page.is_hidden("#saliency") and page.is_hidden("#error") and not errors
+    page.close()

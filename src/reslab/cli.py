@@ -208,7 +208,7 @@ def _build_recipes(sub) -> None:
 
 def _build_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: top-1, top-5, loss, per-class accuracy (JSON)")
-    p.add_argument("run", help="run directory or checkpoint folder")
+    p.add_argument("run", help="run directory, checkpoint folder, or folder written by export/quantize")
     p.add_argument("--data", default=None, help="dataset spec (default: the data the run was trained on)")
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--batch-size", type=int, default=512)
@@ -225,7 +225,7 @@ def _build_eval(sub) -> None:
 
 def _build_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes for image files, with the model's stored preprocessing")
-    p.add_argument("run", help="run directory or checkpoint folder")
+    p.add_argument("run", help="run directory, checkpoint folder, or folder written by export/quantize")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")

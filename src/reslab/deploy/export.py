@@ -56,7 +56,7 @@ def resolve_model(run_or_model: str | Path | nn.Module, input_size: tuple[int, i
 
     model, card = load_model(run_or_model, device="cpu")
     card = {k: v for k, v in card.items() if k not in ("files", "format_version")}
-    card["source_checkpoint"] = str(find_checkpoint(run_or_model))
+    card["source_checkpoint"] = str(find_checkpoint(run_or_model).resolve())
     if input_size is not None:
         card["preprocessing"] = {**card["preprocessing"], "input_size": list(input_size[1:])}
     return model.float().eval(), card

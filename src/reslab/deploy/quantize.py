@@ -573,11 +573,12 @@ def quantize(run: str | Path, data: str | None = None, *, calibration_images: in
         before = float((torch_logits(original, evaluation).argmax(1) == labels).float().mean())
         acc["top1_fp32_before_qat"] = before
         acc["top1_drop_points_vs_before_qat"] = 100 * (before - acc["top1_int8"])
-    if qat_info is not None:  # the card written by quantize_model carries the method too
-        card_path = out / "model.json"
-        int8_card = json.loads(card_path.read_text())
-        int8_card["quantization"] = report["method"]
-        write_json(card_path, int8_card)
+    # The card names the checkpoint it came from (`reslab serve` explains predictions with its float weights)
+    # and, after QAT, the method with its fine-tune.
+    card_path = out / "model.json"
+    int8_card = json.loads(card_path.read_text())
+    int8_card.update({"quantization": report["method"], "source_checkpoint": str(ckpt.resolve())})
+    write_json(card_path, int8_card)
     report.update({"run": str(run_dir), "checkpoint": str(ckpt), "data": data or card["data"]})
     write_json(out / "quantize.json", {k: v for k, v in report.items() if k != "written_to"})
     return report

@@ -1,5 +1,10 @@
 """``reslab serve``: a trained run behind an HTTP API and a small web page.
 
+What is served: a run directory or checkpoint folder (its float model on reslab's inference path), or a folder
+written by ``reslab export`` or ``reslab quantize`` (its ONNX / TorchScript / int8 file as it is, on the CPU:
+:mod:`reslab.deploy.artifact`). For such a folder, saliency explains the float weights of the checkpoint its
+``model.json`` names (``source_checkpoint``), and is refused with a 409 when they are not on this machine.
+
 Endpoints (FastAPI; every error is a 4xx JSON ``{"detail": "<what went wrong and what to send>"}``):
 
 - ``POST /predict?topk=5``: one image (multipart field ``file``, or a raw body with ``Content-Type: image/*``)
@@ -187,30 +192,43 @@ def _first_line(e: BaseException) -> str:
 # The model: batched inference and Grad-CAM
 # ---------------------------------------------------------------------------------------------------------
 class ModelRunner:
-    """A loaded run plus the two computations the server needs; not thread-safe (use one inference thread)."""
+    """A loaded run (or exported / quantized model folder) plus the two computations the server needs; not
+    thread-safe (use one inference thread)."""
 
     def __init__(self, run: str | Path, *, device: str = "auto", amp: str = "auto"):
+        from reslab.deploy.artifact import load_for_inference
         from reslab.evaluate.calibration import stored_temperature
         from reslab.evaluate.inference import inference_runner
-        from reslab.train.checkpoint import find_checkpoint, load_model
+        from reslab.train.checkpoint import load_model
         from reslab.train.engine import autocast_dtype, select_device
 
         self.run = Path(run)
         self.device = select_device(device)
-        self.checkpoint = find_checkpoint(run)
-        self.model, self.card = load_model(run, device=self.device)
-        self.temperature = stored_temperature(run)  # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one
-        self.amp_dtype = autocast_dtype(self.device, amp)
+        loaded = load_for_inference(run, device=self.device)
+        self.checkpoint, self.card, self.deployed = loaded.source, loaded.card, loaded.deployed
+        # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one (to the run a deployed file came from)
+        self.temperature = stored_temperature(loaded.run_dir) if loaded.run_dir else 1.0
         prep = self.card["preprocessing"]
         self.classes: list[str] = list(self.card["classes"])
         self.stored_size = tuple(int(v) for v in prep["stored_size"])
         self.channels = int(prep["channels"])
-        self.cam_layer = self.model.stage_info[-1].name
-        # Predictions run reslab's inference path (on a CPU: BN folded, NHWC, bf16 if amp allows, frozen);
-        # Grad-CAM needs gradients, so it keeps the loaded model.
         h, w = (int(v) for v in prep["input_size"])
-        example = torch.zeros(1, self.channels, h, w, device=self.device)
-        self.logits_of = inference_runner(self.model, example, device=self.device, amp_dtype=self.amp_dtype)
+        if self.deployed:
+            # The deployed file answers predictions as it is (on the CPU, in its own precision); Grad-CAM needs
+            # gradients, so it explains the float weights the file was made from, when they are on this machine.
+            self.device, self.amp_dtype = torch.device("cpu"), None
+            self.logits_of = loaded.model
+            source = self.card.get("source_checkpoint")
+            self.model = load_model(source)[0] if source and Path(source).is_dir() else None
+            self.saliency_of = f"the float weights of {source}" if self.model is not None else None
+        else:
+            # Predictions run reslab's inference path (on a CPU: BN folded, NHWC, bf16 if amp allows, frozen);
+            # Grad-CAM needs gradients, so it keeps the loaded model.
+            self.model, self.amp_dtype = loaded.model, autocast_dtype(self.device, amp)
+            example = torch.zeros(1, self.channels, h, w, device=self.device)
+            self.logits_of = inference_runner(self.model, example, device=self.device, amp_dtype=self.amp_dtype)
+            self.saliency_of = "the served model"
+        self.cam_layer = self.model.stage_info[-1].name if self.model is not None else None
 
     def _batch(self, images: list[np.ndarray]) -> torch.Tensor:
         from reslab.data import ImageArray
@@ -226,6 +244,13 @@ class ModelRunner:
             logits = self.logits_of(self._batch(images))
             return torch.softmax(logits / self.temperature, dim=1).cpu()
 
+    def check_saliency(self) -> None:
+        """Refuse (409) saliency for a deployed file whose float weights are not on this machine."""
+        if self.model is None:
+            raise InputError(409, f"no saliency for {self.run}: it is a {self.card['format']} file, Grad-CAM needs "
+                                  "float weights with gradients, and its model.json names no source checkpoint on "
+                                  "this machine; serve the training run for saliency")
+
     def grad_cam(self, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int, torch.Tensor]:
         """Grad-CAM of one decoded image for class ``target`` (default: the top-1), in full precision.
 
@@ -233,6 +258,7 @@ class ModelRunner:
         map ``A``; Eq. 2: ``L = ReLU(sum_k alpha_k A_k)``, upsampled (bilinear) to the model input and scaled
         to [0, 1]. Returns ``(cam (H_in, W_in) float32, target index, softmax probabilities (num_classes,))``.
         """
+        self.check_saliency()
         stage = self.model.get_submodule(self.cam_layer)
         captured: dict[str, torch.Tensor] = {}
         handle = stage.register_forward_hook(lambda _m, _i, out: captured.__setitem__("A", out))
@@ -585,6 +611,7 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
         """Grad-CAM heat map of one image for ``?target=`` (class name or index; default the top-1)."""
         k = parse_topk(request.query_params.get("topk"), len(runner.classes))
         target = parse_target(request.query_params.get("target"), runner.classes)
+        runner.check_saliency()
         image = await decode(request)
         loop = asyncio.get_running_loop()
         cam, target, probs = await loop.run_in_executor(executor, runner.grad_cam, image, target)
@@ -592,6 +619,7 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
         with counters_lock:
             counters["saliency"] += 1
         return {"model": runner.card["model"], "method": "gradcam", "layer": runner.cam_layer,
+                "explains": runner.saliency_of,
                 "target": {"class": runner.classes[target], "index": target, "probability": float(probs[target])},
                 "top": top(probs, k), "overlay_png": base64.b64encode(overlay).decode(),
                 "heatmap_png": base64.b64encode(heatmap).decode()}
@@ -611,7 +639,9 @@ def create_app(run: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0
                 "preprocessing": card["preprocessing"], "metrics": card.get("metrics", {}),
                 "params": card.get("params"), "macs": card.get("macs"),
                 "checkpoint": {"name": runner.checkpoint.name, "step": card.get("step"), "epoch": card.get("epoch")},
-                "saliency_layer": runner.cam_layer, "temperature": runner.temperature, "device": str(runner.device),
+                "format": card.get("format", "checkpoint"), "quantization": card.get("quantization"),
+                "saliency_layer": runner.cam_layer, "saliency_of": runner.saliency_of,
+                "temperature": runner.temperature, "device": str(runner.device),
                 "amp": str(runner.amp_dtype).replace("torch.", "") if runner.amp_dtype else "off",
                 "limits": limits, "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1e3}}
 

@@ -31,7 +31,7 @@ def build_serve(sub) -> None:
 
     p = sub.add_parser("serve", help="HTTP API and web page for a trained run: /predict, /saliency, /model, /health",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", help="run directory or checkpoint folder")
+    p.add_argument("run", help="run directory, checkpoint folder, or folder written by export/quantize")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     p.add_argument("--max-batch", type=int, default=32, help="most requests per forward pass (1: no batching)")

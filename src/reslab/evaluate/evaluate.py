@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
 from reslab.train.engine import autocast_dtype, evaluate_loader, retain_freed_memory, select_device
 from reslab.train.rundir import environment_info, write_json
 
@@ -51,19 +50,24 @@ def model_loader(card: dict, images, *, device, batch_size: int = 512):
 def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", device: str = "auto",
              batch_size: int = 512, amp: str = "auto", tta_flip: bool = False, tta_shift: int = 0,
              out: str | Path | None = None, retain_memory: bool = True) -> dict[str, Any]:
-    """Top-1, top-5, loss and per-class accuracy of a run's best checkpoint on a split of ``data``.
+    """Top-1, top-5, loss and per-class accuracy of a run's best checkpoint on a split of ``data``; ``run``
+    may also be a folder written by ``reslab export`` or ``reslab quantize``, whose model file is then what runs
+    (:mod:`reslab.deploy.artifact`, on the CPU).
 
     Writes ``eval-<split>.json`` into the run directory (or ``out``) and returns the same dict.
     ``retain_memory``: :func:`reslab.train.engine.retain_freed_memory` for this process, as in training.
     """
+    from reslab.deploy.artifact import load_for_inference
+
     if retain_memory:
         retain_freed_memory()
     dev = select_device(device)
-    model, card = load_model(run, device=dev)
-    ckpt = find_checkpoint(run)
-    run_dir = checkpoint_run_dir(ckpt)
+    loaded = load_for_inference(run, device=dev)
+    model, card, run_dir = loaded.model, loaded.card, loaded.run_dir
+    if loaded.deployed:
+        dev = torch.device("cpu")
     split_kwargs = {}
-    if split == "val" and (run_dir / "config.yaml").is_file():
+    if split == "val" and run_dir is not None and (run_dir / "config.yaml").is_file():
         # The validation images the run held out of its training split: same fraction, same seed.
         from reslab.train.config import load_config_file
 
@@ -74,14 +78,17 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
     if images is None:
         raise ValueError(f"--split {split}: the data has no such split (choose test, val or train; val needs a "
                          "run trained with --val-fraction)")
+    amp_dtype = None if loaded.deployed else autocast_dtype(dev, amp)  # a deployed file keeps its own precision
     result = evaluate_loader(model, model_loader(card, images, device=dev, batch_size=batch_size), device=dev,
-                             amp_dtype=autocast_dtype(dev, amp), num_classes=card["num_classes"],
+                             amp_dtype=amp_dtype, num_classes=card["num_classes"],
                              tta_flip=tta_flip, tta_shift=tta_shift)
+    if loaded.deployed:
+        result["deployed"] = {"format": card["format"], "runtime": model.runtime}
     result.update({"split": split, "tta": {"flip": tta_flip, "shift": tta_shift}, "data": data or card["data"],
-                   "checkpoint": str(ckpt), "classes": card["classes"],
+                   "checkpoint": str(loaded.source), "classes": card["classes"],
                    "per_class_accuracy": dict(zip(card["classes"], result["per_class_accuracy"])),
                    "environment": environment_info(str(dev))})
-    target = Path(out) if out else run_dir / f"eval-{split}.json"
+    target = Path(out) if out else (Path(run) if loaded.deployed else run_dir) / f"eval-{split}.json"
     write_json(target, result)
     result["written_to"] = str(target)
     return result
@@ -92,17 +99,23 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
     """Top-k classes with probabilities for each image file, using the preprocessing stored with the model.
 
     Runs reslab's inference path (``reslab.evaluate.inference``: on a CPU, BN folded, channels_last, bf16 where
-    ``amp`` allows, frozen TorchScript). ``retain_memory``: as for :func:`evaluate`."""
+    ``amp`` allows, frozen TorchScript); for an exported or quantized folder, its model file.
+    ``retain_memory``: as for :func:`evaluate`."""
     from reslab.data import ImageArray
     from reslab.data.sources import decode_image
+    from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.calibration import stored_temperature
     from reslab.evaluate.inference import inference_runner
 
     if retain_memory:
         retain_freed_memory()
     dev = select_device(device)
-    model, card = load_model(run, device=dev)
-    temperature = stored_temperature(run)  # 1.0 unless `reslab calibrate` fitted one
+    loaded = load_for_inference(run, device=dev)
+    model, card = loaded.model, loaded.card
+    if loaded.deployed:
+        dev = torch.device("cpu")
+    # 1.0 unless `reslab calibrate` fitted one (for a deployed file: to the run it came from)
+    temperature = stored_temperature(loaded.run_dir) if loaded.run_dir else 1.0
     prep = card["preprocessing"]
     arrays = [decode_image(p, channels=prep["channels"], size=tuple(prep["stored_size"])) for p in images]
     batch = ImageArray(images=np.stack(arrays), labels=np.zeros(len(arrays), dtype=np.int64),
@@ -113,7 +126,8 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
     runner = None
     probs = []
     for x, _ in model_loader(card, batch, device=dev, batch_size=64):
-        runner = runner or inference_runner(model, x, device=dev, amp_dtype=amp_dtype)
+        # a deployed file already is what inference_runner would build
+        runner = runner or (model if loaded.deployed else inference_runner(model, x, device=dev, amp_dtype=amp_dtype))
         probs.append(torch.softmax(runner(x) / temperature, dim=1).cpu())
     probs = torch.cat(probs)
     for path, p in zip(images, probs):

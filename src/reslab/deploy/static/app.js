@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let requestSerial = 0; // a newer upload wins over answers still in flight for an older one
+let saliencyOf = "the served model"; // from /model; null: the server has no float weights to explain
 
 function showError(message) {
   $("error").textContent = message;
@@ -39,6 +40,11 @@ async function loadCard() {
     const p = card.preprocessing;
     row("input", `${p.channels} channel(s), stored ${p.stored_size.join("×")}, model ${p.input_size.join("×")}`);
     row("checkpoint", `${card.checkpoint.name} (step ${card.checkpoint.step ?? "?"})`);
+    if (card.format !== "checkpoint") {
+      const q = card.quantization;
+      row("format", q ? `${card.format} (${q.runtime ?? "int8"})` : card.format);
+    }
+    saliencyOf = card.saliency_of;
     row("device", `${card.device}, amp ${card.amp}`);
   } catch (e) {
     $("subtitle").textContent = "the model card could not be loaded: " + e.message;
@@ -93,14 +99,22 @@ async function handleFile(file) {
   $("bars").replaceChildren();
   try {
     const [prediction, saliency] = await Promise.all([postImage("/predict?topk=5", file),
-                                                      postImage("/saliency", file)]);
+                                                      saliencyOf ? postImage("/saliency", file)
+                                                        .catch((e) => ({ error: e.message })) : null]);
     if (serial !== requestSerial) return;
     drawBars(prediction.top);
-    const img = $("saliency");
-    img.src = "data:image/png;base64," + saliency.overlay_png;
-    img.hidden = false;
-    $("saliency-caption").textContent =
-      `Grad-CAM for “${saliency.target.class}” on ${saliency.layer}`;
+    if (saliency && saliency.error) {
+      $("saliency-caption").textContent = "no saliency: " + saliency.error;
+    } else if (saliency) {
+      const img = $("saliency");
+      img.src = "data:image/png;base64," + saliency.overlay_png;
+      img.hidden = false;
+      const of = saliency.explains === "the served model" ? "" : ` (${saliency.explains})`;
+      $("saliency-caption").textContent =
+        `Grad-CAM for “${saliency.target.class}” on ${saliency.layer}${of}`;
+    } else {
+      $("saliency-caption").textContent = "no saliency: this model file was served without its float weights";
+    }
     $("status").textContent = `${prediction.top[0].class}: ${pct(prediction.top[0].probability)}`;
   } catch (e) {
     if (serial !== requestSerial) return;

@@ -1,0 +1,170 @@
+"""Exported and quantized model folders run by `reslab eval`, `predict` and `serve` (reslab.deploy.artifact):
+the deployed file itself answers, with the figures `reslab export` / `reslab quantize` reported for it."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from reslab.cli import main
+from reslab.deploy.artifact import artifact_card, load_artifact
+from reslab.deploy.export import export_model
+from reslab.deploy.quantize import quantize
+from reslab.evaluate import evaluate, predict
+
+from conftest import train_quick_digits
+
+ONE_IMAGE = 1 / 359  # the digits test split: one image of 359
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifact")
+    run = train_quick_digits(root / "run")
+    export_model(run, "onnx", root / "onnx")  # a fixed batch of 1 (no --dynamic-batch)
+    export_model(run, "torchscript", root / "torchscript")
+    reports = {rt: quantize(run, calibration_images=128, out=root / f"int8-{rt}", bench=False, runtime=rt)
+               for rt in ("onnxruntime", "pytorch")}
+    return {"run": run, "root": root, "reports": reports,
+            **{name: root / name for name in ("onnx", "torchscript", "int8-onnxruntime", "int8-pytorch")}}
+
+
+@pytest.fixture(scope="module")
+def images(folders):
+    from reslab.data import load_data
+
+    test = load_data("digits").test
+    files = []
+    for i in range(5):
+        path = folders["root"] / f"digit{i}.png"
+        Image.fromarray(test.images[i, :, :, 0]).resize((32, 32), Image.NEAREST).save(path)
+        files.append(str(path))
+    return files
+
+
+def test_a_run_directory_is_not_an_artifact_and_a_deployed_folder_is(folders):
+    assert artifact_card(folders["run"]) is None and artifact_card(folders["root"]) is None
+    assert artifact_card(folders["onnx"])["format"] == "onnx"
+    assert artifact_card(folders["int8-pytorch"])["format"] == "torchscript-int8"
+    # Each card names the checkpoint it was made from, as an absolute path.
+    for name in ("onnx", "int8-onnxruntime"):
+        source = artifact_card(folders[name])["source_checkpoint"]
+        assert source.startswith("/") and source.endswith("checkpoints/best")
+
+
+def test_eval_of_exported_files_gives_the_float_accuracy(folders, tmp_path):
+    reference = evaluate(folders["run"], out=tmp_path / "run.json", amp="off")
+    for name in ("onnx", "torchscript"):
+        r = evaluate(folders[name], out=tmp_path / f"{name}.json")
+        assert r["deployed"]["format"] == name and r["count"] == 359
+        assert abs(r["top1"] - reference["top1"]) <= ONE_IMAGE + 1e-9
+        assert r["loss"] == pytest.approx(reference["loss"], abs=1e-3)
+    assert evaluate(folders["onnx"], out=tmp_path / "o.json")["deployed"]["runtime"] == "onnxruntime"
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+def test_eval_of_an_int8_folder_reproduces_the_quantize_report(folders, runtime):
+    report = folders["reports"][runtime]
+    r = evaluate(folders[f"int8-{runtime}"])
+    assert r["written_to"] == str(folders[f"int8-{runtime}"] / "eval-test.json")
+    assert r["deployed"]["format"] == ("onnx-int8" if runtime == "onnxruntime" else "torchscript-int8")
+    assert abs(r["top1"] - report["accuracy"]["top1_int8"]) <= ONE_IMAGE + 1e-9
+
+
+def test_predict_on_deployed_folders_matches_the_run(folders, images):
+    expected = predict(folders["run"], images, topk=3, amp="off")
+    for name in ("onnx", "torchscript", "int8-onnxruntime", "int8-pytorch"):
+        got = predict(folders[name], images, topk=3)
+        assert [r["file"] for r in got] == images
+        tolerance = 1e-4 if name in ("onnx", "torchscript") else 0.1  # int8 moves probabilities a little
+        for g, e in zip(got, expected):
+            assert g["top"][0]["class"] == e["top"][0]["class"]
+            assert g["top"][0]["probability"] == pytest.approx(e["top"][0]["probability"], abs=tolerance)
+
+
+def test_predict_cli_on_a_quantized_folder(folders, images, capsys):
+    assert main(["predict", str(folders["int8-pytorch"]), *images[:2], "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in results] == images[:2] and all(len(r["top"]) == 5 for r in results)
+
+
+def test_a_fixed_batch_onnx_file_runs_any_batch(folders):
+    model, card = load_artifact(folders["onnx"])
+    assert card["dynamic_batch"] is False and model.fixed_batch
+    x = torch.randn(3, *card["input"]["shape"][1:])
+    batched = model(x)
+    assert batched.shape == (3, 10)
+    assert torch.allclose(batched[1:2], model(x[1:2]), atol=1e-6)
+
+
+def test_broken_deployed_folders_get_clear_errors(folders, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["onnx"], broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.onnx is missing: .*model\.json names it"):
+        load_artifact(broken)
+    card = json.loads((folders["onnx"] / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**card, "format": "tflite"}))
+    with pytest.raises(ValueError, match="format 'tflite' is not one this reslab runs"):
+        load_artifact(broken)
+    with pytest.raises(ValueError, match="not an exported or quantized model folder"):
+        load_artifact(folders["run"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve
+
+
+def _png(folders) -> bytes:
+    import io
+
+    from reslab.data import load_data
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_data("digits").test.images[3, :, :, 0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_serve_answers_with_the_int8_file_and_explains_its_float_weights(folders, images):
+    from fastapi.testclient import TestClient
+
+    from reslab.deploy.serve import create_app
+
+    folder = folders["int8-pytorch"]
+    upload = {"files": {"file": ("d.png", _png(folders), "image/png")}}
+    with TestClient(create_app(folder)) as client:
+        card = client.get("/model").json()
+        assert card["format"] == "torchscript-int8" and card["quantization"]["runtime"] == "pytorch"
+        assert card["device"] == "cpu" and card["amp"] == "off"
+        assert card["saliency_of"].startswith("the float weights of ") and card["saliency_layer"] == "layer3"
+        served = client.post("/predict?topk=3", **upload).json()
+        saliency = client.post("/saliency", **upload).json()
+    # The same int8 file, run by `reslab predict`, gives the same answer.
+    path = folders["root"] / "served.png"
+    path.write_bytes(_png(folders))
+    (expected,) = predict(folder, [path], topk=3)
+    assert [t["class"] for t in served["top"]] == [t["class"] for t in expected["top"]]
+    assert served["top"][0]["probability"] == pytest.approx(expected["top"][0]["probability"], abs=1e-5)
+    assert saliency["explains"] == card["saliency_of"] and saliency["overlay_png"]
+
+
+def test_serve_refuses_saliency_without_float_weights_but_still_predicts(folders, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from reslab.deploy.serve import create_app
+
+    alone = tmp_path / "alone"
+    shutil.copytree(folders["int8-onnxruntime"], alone)
+    card = json.loads((alone / "model.json").read_text())
+    card.pop("source_checkpoint")
+    (alone / "model.json").write_text(json.dumps(card))
+    upload = {"files": {"file": ("d.png", _png(folders), "image/png")}}
+    with TestClient(create_app(alone)) as client:
+        assert client.get("/model").json()["saliency_of"] is None
+        assert client.post("/predict", **upload).status_code == 200
+        refused = client.post("/saliency", **upload)
+    assert refused.status_code == 409
+    assert "Grad-CAM needs float weights" in refused.json()["detail"]
