@@ -23,7 +23,7 @@ ONE_IMAGE = 1 / 359  # the digits test split: one image of 359
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifact")
-    run = train_quick_digits(root / "run")
+    run = train_quick_digits(root / "run", val_fraction=0.1)  # a held-out split, for calibrate and --split val
     export_model(run, "onnx", root / "onnx")  # a fixed batch of 1 (no --dynamic-batch)
     export_model(run, "torchscript", root / "torchscript")
     reports = {rt: quantize(run, calibration_images=128, out=root / f"int8-{rt}", bench=False, runtime=rt)
@@ -63,6 +63,9 @@ def test_eval_of_exported_files_gives_the_float_accuracy(folders, tmp_path):
         assert abs(r["top1"] - reference["top1"]) <= ONE_IMAGE + 1e-9
         assert r["loss"] == pytest.approx(reference["loss"], abs=1e-3)
     assert evaluate(folders["onnx"], out=tmp_path / "o.json")["deployed"]["runtime"] == "onnxruntime"
+    # --split val is the source run's held-out split (its config is found through source_checkpoint)
+    val = evaluate(folders["onnx"], split="val", out=tmp_path / "val.json")
+    assert val["count"] == evaluate(folders["run"], split="val", out=tmp_path / "rv.json", amp="off")["count"] > 0
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
@@ -112,6 +115,44 @@ def test_broken_deployed_folders_get_clear_errors(folders, tmp_path):
         load_artifact(broken)
     with pytest.raises(ValueError, match="not an exported or quantized model folder"):
         load_artifact(folders["run"])
+
+
+def test_analyze_robustness_and_calibrate_take_an_int8_folder(folders, images, tmp_path):
+    """The compressed model's own confusion matrix, corruption errors (against its float run as the baseline)
+    and temperature; results go to the folder, the held-out split and config come from the source run."""
+    from reslab.evaluate.analyze import analyze
+    from reslab.evaluate.calibration import calibrate, stored_temperature
+    from reslab.evaluate.robustness import robustness
+
+    folder = tmp_path / "int8"
+    shutil.copytree(folders["int8-pytorch"], folder)
+    top1 = folders["reports"]["pytorch"]["accuracy"]["top1_int8"]
+    analysis = analyze(folder, calibration=False)
+    assert analysis["checkpoint"] == str(folder / "model.int8.pt")
+    assert abs(analysis["accuracy"] - top1) <= ONE_IMAGE + 1e-9
+    assert (folder / "analysis" / "confusion.png").is_file()
+
+    r = robustness(folder, baseline=folders["run"], limit=100, corruptions=["gaussian_noise"], severities=[1, 5])
+    assert r["written_to"] == str(folder / "analysis" / "robustness.json")
+    assert r["baseline"]["run"] == str(folders["run"]) and r["relative_mce"] is not None
+    assert 0 <= r["clean_error"] <= r["errors"]["gaussian_noise"][1] <= 1  # severity 5 hurts at least as much
+
+    assert stored_temperature(folder) == 1.0
+    cal = calibrate(folder)
+    assert cal["fitted_on"]["source"] == "run_val_split"  # the source run's held-out split, found via its config
+    assert (folder / "calibration.json").is_file()
+    assert stored_temperature(folder) == pytest.approx(cal["temperature"]) != 1.0
+    # predict applies the folder's own temperature: top-1 probability moves, the class does not
+    (before,) = predict(folders["int8-pytorch"], images[:1])
+    (after,) = predict(folder, images[:1])
+    assert after["top"][0]["class"] == before["top"][0]["class"]
+    assert after["top"][0]["probability"] != pytest.approx(before["top"][0]["probability"], abs=1e-4)
+
+
+def test_commands_that_need_float_weights_name_the_run_to_give(folders, images, capsys):
+    assert main(["explain", str(folders["int8-pytorch"]), images[0]]) == 2
+    err = capsys.readouterr().err
+    assert "exported or quantized model file" in err and "source_checkpoint" in err
 
 
 # ---------------------------------------------------------------------------------------------------------

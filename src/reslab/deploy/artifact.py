@@ -99,9 +99,22 @@ def load_artifact(path: str | Path, *, threads: int | None = None) -> tuple[Depl
     return DeployedModel(run_script, card, "torchscript", file), card
 
 
+def training_run_dir(path: str | Path) -> Path | None:
+    """The training run whose config and calibration apply to ``path``: a run directory (or checkpoint folder)
+    itself, or the run a deployed folder's ``source_checkpoint`` names (None when that is not on this machine)."""
+    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint
+
+    card = artifact_card(path)
+    if card is None:
+        return checkpoint_run_dir(find_checkpoint(path))
+    source = card.get("source_checkpoint")
+    return checkpoint_run_dir(Path(source)) if source and Path(source).is_dir() else None
+
+
 @dataclass
 class LoadedModel:
-    """What ``reslab eval``, ``predict`` and ``serve`` run: a trained run's float model, or a deployed file."""
+    """What ``reslab eval``, ``predict``, ``serve``, ``analyze``, ``calibrate`` and ``robustness`` run: a trained
+    run's float model, or a deployed file."""
 
     model: nn.Module  # in eval mode
     card: dict[str, Any]  # classes, preprocessing, metrics (+ format, file for a deployed file)
@@ -109,18 +122,18 @@ class LoadedModel:
     run_dir: Path | None  # the training run whose config and calibration apply (None: not on this machine)
     deployed: bool  # an exported or quantized file (CPU only, no gradients)
 
+    def device_for(self, requested: torch.device) -> torch.device:
+        """Where inputs go: the requested device, or the CPU for a deployed file."""
+        return torch.device("cpu") if self.deployed else requested
+
 
 def load_for_inference(run: str | Path, *, device: torch.device) -> LoadedModel:
     """A run directory or checkpoint folder (its best weights), or an exported or quantized model folder
     (:func:`load_artifact`; it runs on the CPU whatever ``device`` says)."""
-    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint, load_model
+    from reslab.train.checkpoint import find_checkpoint, load_model
 
-    card = artifact_card(run)
-    if card is None:
+    if artifact_card(run) is None:
         model, card = load_model(run, device=device)
-        checkpoint = find_checkpoint(run)
-        return LoadedModel(model, card, checkpoint, checkpoint_run_dir(checkpoint), deployed=False)
+        return LoadedModel(model, card, find_checkpoint(run), training_run_dir(run), deployed=False)
     module, card = load_artifact(run)
-    source = card.get("source_checkpoint")
-    run_dir = checkpoint_run_dir(Path(source)) if source and Path(source).is_dir() else None
-    return LoadedModel(module, card, module.path, run_dir, deployed=True)
+    return LoadedModel(module, card, module.path, training_run_dir(run), deployed=True)

@@ -206,8 +206,7 @@ class ModelRunner:
         self.device = select_device(device)
         loaded = load_for_inference(run, device=self.device)
         self.checkpoint, self.card, self.deployed = loaded.source, loaded.card, loaded.deployed
-        # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one (to the run a deployed file came from)
-        self.temperature = stored_temperature(loaded.run_dir) if loaded.run_dir else 1.0
+        self.temperature = stored_temperature(run)  # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one
         prep = self.card["preprocessing"]
         self.classes: list[str] = list(self.card["classes"])
         self.stored_size = tuple(int(v) for v in prep["stored_size"])
@@ -216,7 +215,7 @@ class ModelRunner:
         if self.deployed:
             # The deployed file answers predictions as it is (on the CPU, in its own precision); Grad-CAM needs
             # gradients, so it explains the float weights the file was made from, when they are on this machine.
-            self.device, self.amp_dtype = torch.device("cpu"), None
+            self.device, self.amp_dtype = loaded.device_for(self.device), None
             self.logits_of = loaded.model
             source = self.card.get("source_checkpoint")
             self.model = load_model(source)[0] if source and Path(source).is_dir() else None

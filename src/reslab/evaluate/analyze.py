@@ -27,11 +27,14 @@ import torch
 
 
 def run_dir_of(run: str | Path) -> Path:
-    """The run directory of a run or of a checkpoint folder inside one."""
+    """Where results about ``run`` are written: the run directory of a run or of a checkpoint folder inside
+    one, or an exported / quantized folder itself."""
+    from reslab.deploy.artifact import artifact_card
     from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint
 
-    ckpt = find_checkpoint(run)
-    return checkpoint_run_dir(ckpt)
+    if artifact_card(run) is not None:
+        return Path(run)
+    return checkpoint_run_dir(find_checkpoint(run))
 
 
 def analysis_dir(run: str | Path, out: str | Path | None = None) -> Path:
@@ -42,11 +45,15 @@ def analysis_dir(run: str | Path, out: str | Path | None = None) -> Path:
 
 
 def run_config(run: str | Path) -> dict[str, Any]:
-    """The run's saved ``config.yaml`` as a dict ({} for a bare checkpoint folder)."""
+    """The run's saved ``config.yaml`` as a dict ({} for a bare checkpoint folder); for an exported or
+    quantized folder, that of the run it came from."""
     import yaml
 
-    path = run_dir_of(run) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    from reslab.deploy.artifact import training_run_dir
+
+    run_dir = training_run_dir(run)
+    path = run_dir / "config.yaml" if run_dir else None
+    return (yaml.safe_load(path.read_text()) or {}) if path and path.is_file() else {}
 
 
 @torch.no_grad()
@@ -224,13 +231,14 @@ def analyze(run: str | Path, data: str | None = None, *, split: str = "test", ou
     With ``calibration`` it also fits and stores a temperature (see :func:`reslab.evaluate.calibration.calibrate`).
     Returns the ``analyze.json`` dict, with ``figures`` listing the PNGs written.
     """
+    from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.evaluate import load_data_for_model
-    from reslab.train.checkpoint import find_checkpoint, load_model
     from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
 
-    dev = select_device(device)
-    model, card = load_model(run, device=dev)
+    requested = select_device(device)
+    loaded = load_for_inference(run, device=requested)
+    model, card, dev = loaded.model, loaded.card, loaded.device_for(requested)
     target = analysis_dir(run, out)
     splits = load_data_for_model(card, data)
     images = pick_split(splits, split)
@@ -240,7 +248,7 @@ def analyze(run: str | Path, data: str | None = None, *, split: str = "test", ou
     losses = torch.nn.functional.cross_entropy(logits, labels_t, reduction="none").numpy()
     classes = list(card["classes"])
 
-    result: dict[str, Any] = {"run": str(run_dir_of(run)), "checkpoint": str(find_checkpoint(run)),
+    result: dict[str, Any] = {"run": str(run_dir_of(run)), "checkpoint": str(loaded.source),
                               "data": data or card["data"], "split": split, "classes": classes}
     result.update(classification_summary(labels, probs, classes, top_pairs=top_pairs))
     order = np.argsort(-losses, kind="stable")[:top_losses]
@@ -265,7 +273,7 @@ def analyze(run: str | Path, data: str | None = None, *, split: str = "test", ou
         from reslab.evaluate.calibration import calibrate
 
         cal = calibrate(run, data, out=target, device=device, val_fraction=val_fraction, n_bins=n_bins,
-                        _loaded=(model, card, splits, dev))
+                        _loaded=(loaded, dev))
         result["calibration"] = {k: cal[k] for k in ("temperature", "fitted_on", "test_ece_before",
                                                       "test_ece_after")}
         result["figures"] += cal["figures"]

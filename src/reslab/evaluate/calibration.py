@@ -73,15 +73,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds: tuple[fl
 
 
 def stored_temperature(run: str | Path) -> float:
-    """The temperature ``reslab calibrate`` stored with a run (1.0 when it was never calibrated)."""
+    """The temperature ``reslab calibrate`` stored with a run (1.0 when it was never calibrated). An exported or
+    quantized folder uses its own (``reslab calibrate FOLDER``), else the one of the run it came from."""
     import json
 
+    from reslab.deploy.artifact import training_run_dir
     from reslab.evaluate.analyze import run_dir_of
 
-    path = run_dir_of(run) / CALIBRATION_FILE
-    if not path.is_file():
-        return 1.0
-    return float(json.loads(path.read_text())["temperature"])
+    for folder in (run_dir_of(run), training_run_dir(run)):
+        if folder is not None and (folder / CALIBRATION_FILE).is_file():
+            return float(json.loads((folder / CALIBRATION_FILE).read_text())["temperature"])
+    return 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,16 +156,18 @@ def calibrate(run: str | Path, data: str | None = None, *, out: str | Path | Non
 
     Returns the ``analysis/calibration.json`` dict.
     """
+    from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.analyze import analysis_dir, model_logits, run_dir_of
-    from reslab.train.checkpoint import find_checkpoint, load_model
     from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
 
     if _loaded is not None:  # analyze() hands over what it already loaded
-        model, card, _, dev = _loaded
+        loaded, dev = _loaded
     else:
-        dev = select_device(device)
-        model, card = load_model(run, device=dev)
+        requested = select_device(device)
+        loaded = load_for_inference(run, device=requested)
+        dev = loaded.device_for(requested)
+    model, card = loaded.model, loaded.card
     target = analysis_dir(run, out)
     splits, fitted_on = _validation_split(run, card, data, val_fraction, seed)
     val_logits, val_labels = model_logits(model, card, splits.val, device=dev)
@@ -182,7 +186,7 @@ def calibrate(run: str | Path, data: str | None = None, *, out: str | Path | Non
     figure = plot_reliability(p_before, p_after, test_labels.numpy(), temperature, target / "reliability.png",
                               n_bins)
     result = {
-        "run": str(run_dir_of(run)), "checkpoint": str(find_checkpoint(run)), "data": data or card["data"],
+        "run": str(run_dir_of(run)), "checkpoint": str(loaded.source), "data": data or card["data"],
         "method": "temperature scaling (Guo et al. 2017, §4.2): softmax(logits / T), T fitted by NLL",
         "temperature": temperature, "fitted_on": fitted_on, "n_bins": n_bins,
         "val_count": len(val_labels), "test_count": len(test_labels),

@@ -58,14 +58,13 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
     ``retain_memory``: :func:`reslab.train.engine.retain_freed_memory` for this process, as in training.
     """
     from reslab.deploy.artifact import load_for_inference
+    from reslab.evaluate.analyze import run_dir_of
 
     if retain_memory:
         retain_freed_memory()
-    dev = select_device(device)
-    loaded = load_for_inference(run, device=dev)
-    model, card, run_dir = loaded.model, loaded.card, loaded.run_dir
-    if loaded.deployed:
-        dev = torch.device("cpu")
+    requested = select_device(device)
+    loaded = load_for_inference(run, device=requested)
+    model, card, run_dir, dev = loaded.model, loaded.card, loaded.run_dir, loaded.device_for(requested)
     split_kwargs = {}
     if split == "val" and run_dir is not None and (run_dir / "config.yaml").is_file():
         # The validation images the run held out of its training split: same fraction, same seed.
@@ -88,7 +87,7 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
                    "checkpoint": str(loaded.source), "classes": card["classes"],
                    "per_class_accuracy": dict(zip(card["classes"], result["per_class_accuracy"])),
                    "environment": environment_info(str(dev))})
-    target = Path(out) if out else (Path(run) if loaded.deployed else run_dir) / f"eval-{split}.json"
+    target = Path(out) if out else run_dir_of(run) / f"eval-{split}.json"
     write_json(target, result)
     result["written_to"] = str(target)
     return result
@@ -109,13 +108,10 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
 
     if retain_memory:
         retain_freed_memory()
-    dev = select_device(device)
-    loaded = load_for_inference(run, device=dev)
-    model, card = loaded.model, loaded.card
-    if loaded.deployed:
-        dev = torch.device("cpu")
-    # 1.0 unless `reslab calibrate` fitted one (for a deployed file: to the run it came from)
-    temperature = stored_temperature(loaded.run_dir) if loaded.run_dir else 1.0
+    requested = select_device(device)
+    loaded = load_for_inference(run, device=requested)
+    model, card, dev = loaded.model, loaded.card, loaded.device_for(requested)
+    temperature = stored_temperature(run)  # 1.0 unless `reslab calibrate` fitted one
     prep = card["preprocessing"]
     arrays = [decode_image(p, channels=prep["channels"], size=tuple(prep["stored_size"])) for p in images]
     batch = ImageArray(images=np.stack(arrays), labels=np.zeros(len(arrays), dtype=np.int64),

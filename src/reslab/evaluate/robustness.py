@@ -42,7 +42,7 @@ def corruption_errors(errors: dict[str, list[float]], clean: float, base_errors:
     return out
 
 
-def _accuracy(model, card, images: np.ndarray, labels: np.ndarray, device) -> float:
+def _accuracy(model, card, device, images: np.ndarray, labels: np.ndarray) -> float:
     from reslab.data import ImageArray
     from reslab.evaluate.analyze import model_logits
 
@@ -54,9 +54,9 @@ def robustness(run: str | Path, data: str | None = None, *, baseline: str | Path
                limit: int | None = 1000, corruptions: list[str] | None = None, severities=SEVERITIES, seed: int = 0,
                out: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate a run (and optionally a baseline run) on corrupted copies of a split; write JSON and figures."""
+    from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.analyze import analysis_dir, pick_split, run_dir_of
     from reslab.evaluate.evaluate import load_data_for_model
-    from reslab.train.checkpoint import find_checkpoint, load_model
     from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
 
@@ -64,35 +64,37 @@ def robustness(run: str | Path, data: str | None = None, *, baseline: str | Path
     unknown = [c for c in names if c not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"--corruptions: unknown {unknown}; choose from {', '.join(CORRUPTIONS)}")
-    dev = select_device(device)
-    model, card = load_model(run, device=dev)
+    requested = select_device(device)
+    loaded = load_for_inference(run, device=requested)  # a run, or an exported / quantized folder
+    model, card, dev = loaded.model, loaded.card, loaded.device_for(requested)
     images = pick_split(load_data_for_model(card, data), split)
     base = None
     if baseline is not None:
-        base_model, base_card = load_model(baseline, device=dev)
+        base_loaded = load_for_inference(baseline, device=requested)
+        base_model, base_card = base_loaded.model, base_loaded.card
         if list(base_card["classes"]) != list(card["classes"]):
             raise ValueError(f"--baseline {baseline}: its classes differ from the run's; a baseline must share them")
         if list(base_card["preprocessing"]["stored_size"]) != list(card["preprocessing"]["stored_size"]) or \
                 base_card["preprocessing"]["channels"] != card["preprocessing"]["channels"]:
             raise ValueError(f"--baseline {baseline}: it expects images stored at a different size or channel "
                              "count; both models must read the same corrupted images")
-        base = (base_model, base_card)
+        base = (base_model, base_card, base_loaded.device_for(requested))
     index = np.arange(len(images))
     if limit and len(images) > limit:
         index = np.sort(np.random.default_rng(seed).choice(len(images), size=limit, replace=False))
     clean_images, labels = np.ascontiguousarray(images.images[index]), images.labels[index]
 
-    clean = 1 - _accuracy(model, card, clean_images, labels, dev)
-    base_clean = 1 - _accuracy(*base, clean_images, labels, dev) if base else None
+    clean = 1 - _accuracy(model, card, dev, clean_images, labels)
+    base_clean = 1 - _accuracy(*base, clean_images, labels) if base else None
     errors: dict[str, list[float]] = {}
     base_errors: dict[str, list[float]] = {}
     for name in names:
         errors[name], base_errors[name] = [], []
         for s in severities:
             corrupted = corrupt(clean_images, name, s, seed=seed)
-            errors[name].append(1 - _accuracy(model, card, corrupted, labels, dev))
+            errors[name].append(1 - _accuracy(model, card, dev, corrupted, labels))
             if base:
-                base_errors[name].append(1 - _accuracy(*base, corrupted, labels, dev))
+                base_errors[name].append(1 - _accuracy(*base, corrupted, labels))
         print(f"{name:>18}: error " + " ".join(f"{100 * e:5.1f}" for e in errors[name]) + " %")
     summary = corruption_errors(errors, clean, base_errors if base else None, base_clean)
     target = analysis_dir(run, out)
@@ -100,7 +102,7 @@ def robustness(run: str | Path, data: str | None = None, *, baseline: str | Path
                             f"{card['model']}: top-1 accuracy under corruption ({len(labels)} {split} images)")]
     figures.append(plot_examples(clean_images, names, list(severities), seed, target / "corruption_examples.png"))
     result = {
-        "run": str(run_dir_of(run)), "checkpoint": str(find_checkpoint(run)), "data": data or card["data"],
+        "run": str(run_dir_of(run)), "checkpoint": str(loaded.source), "data": data or card["data"],
         "split": split, "images": int(len(labels)), "seed": seed, "severities": list(severities),
         "clean_error": clean,
         "errors": errors,

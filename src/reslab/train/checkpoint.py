@@ -234,8 +234,12 @@ def find_checkpoint(run_or_checkpoint: str | Path, prefer: str = "best") -> Path
         for candidate in (p / "checkpoints" / name, p / "checkpoints" / f"{name}.prev"):
             if (candidate / "manifest.json").is_file():
                 return p / "checkpoints" / name
-    raise CheckpointError(f"{p} holds no checkpoint (expected {p}/checkpoints/best or last); "
-                          "is it a reslab run directory?")
+    hint = "is it a reslab run directory?"
+    if (p / "model.json").is_file() and '"format"' in (p / "model.json").read_text():
+        # `eval`, `predict`, `serve`, `analyze`, `calibrate` and `robustness` run such folders (reslab.deploy.artifact)
+        hint = ("it is an exported or quantized model file: this command needs float weights, so give the training "
+                "run it came from (model.json: source_checkpoint)")
+    raise CheckpointError(f"{p} holds no checkpoint (expected {p}/checkpoints/best or last); {hint}")
 
 
 def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "cpu", prefer: str = "best",
