@@ -147,6 +147,12 @@ def test_analyze_robustness_and_calibrate_take_an_int8_folder(folders, images, t
     (after,) = predict(folder, images[:1])
     assert after["top"][0]["class"] == before["top"][0]["class"]
     assert after["top"][0]["probability"] != pytest.approx(before["top"][0]["probability"], abs=1e-4)
+    # and the HTML report gathers the folder's own analyses
+    from reslab.evaluate.report import build_report
+
+    page = build_report(folder).read_text()
+    assert "Robustness to common corruptions" in page and "Calibration" in page
+    assert f"Accuracy {100 * analysis['accuracy']:.2f}%" in page  # the int8 file's, not the run's
 
 
 def test_commands_that_need_float_weights_name_the_run_to_give(folders, images, capsys):
