@@ -215,3 +215,12 @@ def test_serve_refuses_saliency_without_float_weights_but_still_predicts(folders
         refused = client.post("/saliency", **upload)
     assert refused.status_code == 409
     assert "Grad-CAM needs float weights" in refused.json()["detail"]
+
+
+def test_export_cli_prints_commands_that_run_what_it_wrote(folders, tmp_path, capsys):
+    out = tmp_path / "ts"
+    assert main(["export", str(folders["run"]), "--format", "torchscript", "--out", str(out)]) == 0
+    hint = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run it: ")]
+    eval_command = hint[0][len("run it: "):].split(" | ")[0].split()
+    assert eval_command == ["reslab", "eval", str(out)]
+    assert main(eval_command[1:]) == 0 and (out / "eval-test.json").is_file()

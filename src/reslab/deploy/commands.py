@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 
 
 def require_export_extra(command: str) -> None:
@@ -25,7 +26,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     parity = card.get("parity", {}).get("max_abs_diff")
     print(f"wrote {card['path']} (+ model.json)  input {card['input']['shape']}  "
           f"max |logit diff| vs PyTorch: {parity:.2e}")
+    _print_next_steps(str(Path(card["path"]).parent))
     return 0
+
+
+def _print_next_steps(folder: str) -> None:
+    """What runs the folder just written (reslab.deploy.artifact)."""
+    print(f"run it: reslab eval {folder} | reslab predict {folder} IMAGE... | reslab serve {folder}")
 
 
 def _build_export(sub) -> None:
@@ -74,6 +81,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"{rt} {c['images_per_s']:.0f} img/s" + (f", top-1 {100 * c['top1']:.2f}%" if "top1" in c else "")
             for rt, c in sel["candidates"].items()) + f"  -> {sel['chosen']}")
     print(f"wrote {r['written_to']}/{r['files']['int8']}, model.json, quantize.json")
+    _print_next_steps(r["written_to"])
     return 0
 
 
