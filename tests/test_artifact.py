@@ -113,6 +113,9 @@ def test_broken_deployed_folders_get_clear_errors(folders, tmp_path):
     (broken / "model.json").write_text(json.dumps({**card, "format": "tflite"}))
     with pytest.raises(ValueError, match="format 'tflite' is not one this reslab runs"):
         load_artifact(broken)
+    (broken / "model.json").write_text(json.dumps({**card, "file": "../onnx/model.onnx"}))
+    with pytest.raises(ValueError, match="must be a file name in that folder"):
+        load_artifact(broken)
     with pytest.raises(ValueError, match="not an exported or quantized model folder"):
         load_artifact(folders["run"])
 

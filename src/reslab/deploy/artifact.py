@@ -61,7 +61,9 @@ def load_artifact(path: str | Path, *, threads: int | None = None) -> tuple[Depl
     if card is None:
         raise ValueError(f"{path} is not an exported or quantized model folder (no model.json with 'format' "
                          "and 'file'; `reslab export` and `reslab quantize` write them)")
-    fmt, file = card["format"], path / card["file"]
+    fmt, file = card["format"], path / str(card["file"])
+    if Path(str(card["file"])).name != str(card["file"]):  # the card describes files beside it, nothing elsewhere
+        raise ValueError(f"{path / 'model.json'}: file {card['file']!r} must be a file name in that folder")
     if fmt not in FORMATS:
         raise ValueError(f"{path / 'model.json'}: format {fmt!r} is not one this reslab runs "
                          f"({', '.join(FORMATS)})")
