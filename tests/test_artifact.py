@@ -227,3 +227,19 @@ def test_export_cli_prints_commands_that_run_what_it_wrote(folders, tmp_path, ca
     eval_command = hint[0][len("run it: "):].split(" | ")[0].split()
     assert eval_command == ["reslab", "eval", str(out)]
     assert main(eval_command[1:]) == 0 and (out / "eval-test.json").is_file()
+
+
+def test_the_run_report_lists_its_deployed_copies(folders, tmp_path):
+    from reslab.evaluate.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(folders["run"], run)
+    shutil.copytree(folders["int8-pytorch"], run / "quantized")
+    assert "<h2>Deployment" not in build_report(folders["run"], out=tmp_path / "before.html").read_text()
+    top1 = evaluate(run / "quantized")["top1"]
+    page = build_report(run).read_text()
+    section = page[page.index("<h2>Deployment"):]
+    accuracy = folders["reports"]["pytorch"]["accuracy"]
+    assert "torchscript-int8" in section and "model.int8.pt" in section
+    assert f"int8 {100 * accuracy['top1_int8']:.2f}% vs fp32 {100 * accuracy['top1_fp32']:.2f}%" in section
+    assert f"{100 * top1:.2f}%" in section

@@ -5,7 +5,8 @@ are no scripts, fonts or links to fetch. Sections: the summary (model, data, acc
 throughput, hardware), the training curves (``curves.png``, drawn from metrics.jsonl if missing) and the
 per-epoch metrics table, then every analysis found in ``RUN/analysis/`` (analyze, calibration, robustness,
 explain, signal, scaling), the data-scaling results of any ``reslab scaling`` output folder given with
-``scaling``, and any other PNG in ``RUN/analysis/``.
+``scaling``, the deployed copies (``reslab export`` / ``reslab quantize`` output in ``RUN/export`` and
+``RUN/quantized``, or the reported folder itself), and any other PNG in ``RUN/analysis/``.
 """
 from __future__ import annotations
 
@@ -174,6 +175,35 @@ def _scaling_section(s: dict, folder: Path) -> str:
     return out + (_img(png, "test accuracy against data size") if png.is_file() else "")
 
 
+def _deployment_section(run: Path) -> str:
+    """The run's exported and quantized copies in their default places (or ``run`` itself when it is one):
+    format, file size, the parity or int8 accuracy recorded when they were made, the int8 speed-up, and the top-1
+    of ``reslab eval`` on the copy when it was run."""
+    from reslab.deploy.artifact import artifact_card
+
+    rows = []
+    for folder in (run, run / "export", run / "quantized"):
+        card = artifact_card(folder)
+        if card is None:
+            continue
+        report = _load(folder / "quantize.json") or {}
+        accuracy, file = report.get("accuracy", {}), folder / str(card["file"])
+        recorded = (f"int8 {_pct(accuracy['top1_int8'])} vs fp32 {_pct(accuracy['top1_fp32'])}"
+                    if "top1_int8" in accuracy else
+                    f"max |logit diff| {card['parity']['max_abs_diff']:.1e}" if card.get("parity") else "")
+        speedup = (report.get("speedup_vs_fp32_eager") or {}).get(f"int8_{report.get('runtime')}")  # the chosen
+        evaluated = (_load(folder / "eval-test.json") or {}).get("top1")
+        rows.append([folder.name if folder != run else ".", card["format"], file.name,
+                     f"{file.stat().st_size / 2**20:.2f} MiB" if file.is_file() else "missing", recorded,
+                     f"{speedup:.2f}x" if isinstance(speedup, (int, float)) else "", _pct(evaluated)])
+    if not rows:
+        return ""
+    return ("<h2>Deployment</h2><p class='note'>Exported and quantized copies (<code>reslab export</code>, "
+            "<code>reslab quantize</code>); <code>reslab eval FOLDER</code> fills the last column.</p>"
+            + _table(["folder", "format", "file", "size", "recorded when made", "int8 / fp32 eager", "eval top-1"],
+                     rows))
+
+
 def _scaling_results(where: str | Path) -> tuple[dict, Path]:
     """(scaling.json, its folder) of a ``reslab scaling`` output folder, or of the JSON file itself."""
     path = Path(where)
@@ -212,6 +242,7 @@ def build_report(run: str | Path, out: str | Path | None = None, title: str | No
             used.add(f"explain-{data.get('method')}.png")
     for where in scaling or []:
         parts.append(_scaling_section(*_scaling_results(where)))
+    parts.append(_deployment_section(run_dir))
     others = [p for p in sorted(folder.glob("*.png")) if p.name not in used] if folder.is_dir() else []
     if others:
         parts.append("<h2>Other figures</h2>" + "".join(_img(p, p.stem) for p in others))
