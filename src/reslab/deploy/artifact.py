@@ -1,4 +1,5 @@
-"""Exported and quantized model folders as models ``reslab predict``, ``eval`` and ``serve`` can run.
+"""Exported and quantized model folders as models ``reslab eval``, ``predict``, ``serve``, ``analyze``,
+``calibrate``, ``robustness`` and ``report`` can run.
 
 ``reslab export`` and ``reslab quantize`` write a folder with the model file and ``model.json``, the card:
 classes, preprocessing, and ``format`` + ``file`` naming what to load. :func:`load_artifact` turns such a
