@@ -124,19 +124,18 @@ class LoadedModel:
     source: Path  # the checkpoint folder or the model file loaded
     run_dir: Path | None  # the training run whose config and calibration apply (None: not on this machine)
     deployed: bool  # an exported or quantized file (CPU only, no gradients)
-
-    def device_for(self, requested: torch.device) -> torch.device:
-        """Where inputs go: the requested device, or the CPU for a deployed file."""
-        return torch.device("cpu") if self.deployed else requested
+    device: torch.device  # where its inputs go
 
 
-def load_for_inference(run: str | Path, *, device: torch.device) -> LoadedModel:
-    """A run directory or checkpoint folder (its best weights), or an exported or quantized model folder
-    (:func:`load_artifact`; it runs on the CPU whatever ``device`` says)."""
+def load_for_inference(run: str | Path, *, device: str | torch.device = "auto") -> LoadedModel:
+    """A run directory or checkpoint folder (its best weights, on ``device``), or an exported or quantized
+    model folder (:func:`load_artifact`; it runs on the CPU whatever ``device`` says)."""
     from reslab.train.checkpoint import find_checkpoint, load_model
+    from reslab.train.engine import select_device
 
     if artifact_card(run) is None:
-        model, card = load_model(run, device=device)
-        return LoadedModel(model, card, find_checkpoint(run), training_run_dir(run), deployed=False)
+        requested = select_device(str(device))
+        model, card = load_model(run, device=requested)
+        return LoadedModel(model, card, find_checkpoint(run), training_run_dir(run), False, requested)
     module, card = load_artifact(run)
-    return LoadedModel(module, card, module.path, training_run_dir(run), deployed=True)
+    return LoadedModel(module, card, module.path, training_run_dir(run), True, torch.device("cpu"))

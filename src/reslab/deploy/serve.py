@@ -200,12 +200,11 @@ class ModelRunner:
         from reslab.evaluate.calibration import stored_temperature
         from reslab.evaluate.inference import inference_runner
         from reslab.train.checkpoint import load_model
-        from reslab.train.engine import autocast_dtype, select_device
+        from reslab.train.engine import autocast_dtype
 
         self.run = Path(run)
-        self.device = select_device(device)
-        loaded = load_for_inference(run, device=self.device)
-        self.checkpoint, self.card, self.deployed = loaded.source, loaded.card, loaded.deployed
+        loaded = load_for_inference(run, device=device)
+        self.checkpoint, self.card, self.deployed, self.device = loaded.source, loaded.card, loaded.deployed, loaded.device
         self.temperature = stored_temperature(run)  # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one
         prep = self.card["preprocessing"]
         self.classes: list[str] = list(self.card["classes"])
@@ -215,7 +214,7 @@ class ModelRunner:
         if self.deployed:
             # The deployed file answers predictions as it is (on the CPU, in its own precision); Grad-CAM needs
             # gradients, so it explains the float weights the file was made from, when they are on this machine.
-            self.device, self.amp_dtype = loaded.device_for(self.device), None
+            self.amp_dtype = None
             self.logits_of = loaded.model
             source = self.card.get("source_checkpoint")
             self.model = load_model(source)[0] if source and Path(source).is_dir() else None

@@ -233,12 +233,10 @@ def analyze(run: str | Path, data: str | None = None, *, split: str = "test", ou
     """
     from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.evaluate import load_data_for_model
-    from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
 
-    requested = select_device(device)
-    loaded = load_for_inference(run, device=requested)
-    model, card, dev = loaded.model, loaded.card, loaded.device_for(requested)
+    loaded = load_for_inference(run, device=device)
+    model, card, dev = loaded.model, loaded.card, loaded.device
     target = analysis_dir(run, out)
     splits = load_data_for_model(card, data)
     images = pick_split(splits, split)
@@ -273,7 +271,7 @@ def analyze(run: str | Path, data: str | None = None, *, split: str = "test", ou
         from reslab.evaluate.calibration import calibrate
 
         cal = calibrate(run, data, out=target, device=device, val_fraction=val_fraction, n_bins=n_bins,
-                        _loaded=(loaded, dev))
+                        _loaded=loaded)
         result["calibration"] = {k: cal[k] for k in ("temperature", "fitted_on", "test_ece_before",
                                                       "test_ece_after")}
         result["figures"] += cal["figures"]

@@ -158,16 +158,10 @@ def calibrate(run: str | Path, data: str | None = None, *, out: str | Path | Non
     """
     from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.analyze import analysis_dir, model_logits, run_dir_of
-    from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
 
-    if _loaded is not None:  # analyze() hands over what it already loaded
-        loaded, dev = _loaded
-    else:
-        requested = select_device(device)
-        loaded = load_for_inference(run, device=requested)
-        dev = loaded.device_for(requested)
-    model, card = loaded.model, loaded.card
+    loaded = _loaded or load_for_inference(run, device=device)  # analyze() hands over what it already loaded
+    model, card, dev = loaded.model, loaded.card, loaded.device
     target = analysis_dir(run, out)
     splits, fitted_on = _validation_split(run, card, data, val_fraction, seed)
     val_logits, val_labels = model_logits(model, card, splits.val, device=dev)

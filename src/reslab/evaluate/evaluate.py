@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reslab.train.engine import autocast_dtype, evaluate_loader, retain_freed_memory, select_device
+from reslab.train.engine import autocast_dtype, evaluate_loader, retain_freed_memory
 from reslab.train.rundir import environment_info, write_json
 
 
@@ -62,9 +62,8 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", d
 
     if retain_memory:
         retain_freed_memory()
-    requested = select_device(device)
-    loaded = load_for_inference(run, device=requested)
-    model, card, run_dir, dev = loaded.model, loaded.card, loaded.run_dir, loaded.device_for(requested)
+    loaded = load_for_inference(run, device=device)
+    model, card, run_dir, dev = loaded.model, loaded.card, loaded.run_dir, loaded.device
     split_kwargs = {}
     if split == "val" and run_dir is not None and (run_dir / "config.yaml").is_file():
         # The validation images the run held out of its training split: same fraction, same seed.
@@ -108,9 +107,8 @@ def predict(run: str | Path, images: list[str | Path], *, topk: int = 5, device:
 
     if retain_memory:
         retain_freed_memory()
-    requested = select_device(device)
-    loaded = load_for_inference(run, device=requested)
-    model, card, dev = loaded.model, loaded.card, loaded.device_for(requested)
+    loaded = load_for_inference(run, device=device)
+    model, card, dev = loaded.model, loaded.card, loaded.device
     temperature = stored_temperature(run)  # 1.0 unless `reslab calibrate` fitted one
     prep = card["preprocessing"]
     arrays = [decode_image(p, channels=prep["channels"], size=tuple(prep["stored_size"])) for p in images]

@@ -57,20 +57,18 @@ def robustness(run: str | Path, data: str | None = None, *, baseline: str | Path
     from reslab.deploy.artifact import load_for_inference
     from reslab.evaluate.analyze import analysis_dir, pick_split, run_dir_of
     from reslab.evaluate.evaluate import load_data_for_model
-    from reslab.train.engine import select_device
     from reslab.train.rundir import environment_info, write_json
 
     names = list(corruptions or CORRUPTIONS)
     unknown = [c for c in names if c not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"--corruptions: unknown {unknown}; choose from {', '.join(CORRUPTIONS)}")
-    requested = select_device(device)
-    loaded = load_for_inference(run, device=requested)  # a run, or an exported / quantized folder
-    model, card, dev = loaded.model, loaded.card, loaded.device_for(requested)
+    loaded = load_for_inference(run, device=device)  # a run, or an exported / quantized folder
+    model, card, dev = loaded.model, loaded.card, loaded.device
     images = pick_split(load_data_for_model(card, data), split)
     base = None
     if baseline is not None:
-        base_loaded = load_for_inference(baseline, device=requested)
+        base_loaded = load_for_inference(baseline, device=device)
         base_model, base_card = base_loaded.model, base_loaded.card
         if list(base_card["classes"]) != list(card["classes"]):
             raise ValueError(f"--baseline {baseline}: its classes differ from the run's; a baseline must share them")
@@ -78,7 +76,7 @@ def robustness(run: str | Path, data: str | None = None, *, baseline: str | Path
                 base_card["preprocessing"]["channels"] != card["preprocessing"]["channels"]:
             raise ValueError(f"--baseline {baseline}: it expects images stored at a different size or channel "
                              "count; both models must read the same corrupted images")
-        base = (base_model, base_card, base_loaded.device_for(requested))
+        base = (base_model, base_card, base_loaded.device)
     index = np.arange(len(images))
     if limit and len(images) > limit:
         index = np.sort(np.random.default_rng(seed).choice(len(images), size=limit, replace=False))
