@@ -216,8 +216,8 @@ class ModelRunner:
             # gradients, so it explains the float weights the file was made from, when they are on this machine.
             self.amp_dtype = None
             self.logits_of = loaded.model
-            source = self.card.get("source_checkpoint")
-            self.model = load_model(source)[0] if source and Path(source).is_dir() else None
+            source = self.card.get("source_checkpoint")  # on this machine exactly when loaded.run_dir is known
+            self.model = load_model(source)[0] if loaded.run_dir is not None else None
             self.saliency_of = f"the float weights of {source}" if self.model is not None else None
         else:
             # Predictions run reslab's inference path (on a CPU: BN folded, NHWC, bf16 if amp allows, frozen);

@@ -235,8 +235,9 @@ def find_checkpoint(run_or_checkpoint: str | Path, prefer: str = "best") -> Path
             if (candidate / "manifest.json").is_file():
                 return p / "checkpoints" / name
     hint = "is it a reslab run directory?"
-    if (p / "model.json").is_file() and '"format"' in (p / "model.json").read_text():
-        # `eval`, `predict`, `serve`, `analyze`, `calibrate` and `robustness` run such folders (reslab.deploy.artifact)
+    from reslab.deploy.artifact import artifact_card
+
+    if artifact_card(p) is not None:  # `eval`, `predict`, `serve`, `analyze`, ... run such folders themselves
         hint = ("it is an exported or quantized model file: this command needs float weights, so give the training "
                 "run it came from (model.json: source_checkpoint)")
     raise CheckpointError(f"{p} holds no checkpoint (expected {p}/checkpoints/best or last); {hint}")
