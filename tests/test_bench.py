@@ -6,6 +6,7 @@ agrees with eager fp32, that the speed recipes run, and that ``reslab bench ...`
 """
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,42 @@ def test_bench_time_to_accuracy_writes_json(tmp_path):
     assert 0 <= saved["test_top1_mean"] <= 1 and saved["train_seconds_mean"] > 0
 
 
+def test_time_to_accuracy_warmup_run_is_untimed(tmp_path):
+    from reslab.bench.time_to_accuracy import bench_time_to_accuracy
+
+    result = bench_time_to_accuracy("fast", seeds=1, data="digits", threads=1, out=str(tmp_path / "tta.json"),
+                                    out_root=str(tmp_path / "runs"), warmup_iterations=2, iterations=3,
+                                    batch_size=32, eval_batch_size=256)
+    assert result["warmup"]["iterations"] == 2 and result["warmup"]["wall_seconds"] > 0
+    assert Path(result["warmup"]["run_dir"]).parent == tmp_path / "runs" / "warmup"
+    assert [r["steps"] for r in result["runs"]] == [3]  # the timed seed is the whole run, not the warm-up
+    with pytest.raises(ValueError, match="--warmup-iterations"):
+        bench_time_to_accuracy("fast", seeds=1, data="digits", warmup_iterations=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RESLAB_TEST_COMPILE"), reason="torch.compile: see test_compile_keeps_accuracy")
+def test_time_to_accuracy_warmup_builds_the_compiled_graphs(tmp_path, monkeypatch):
+    """After the warm-up run, the timed seeds compile nothing new (dynamo reuses the graphs for a new model)."""
+    from torch._dynamo.utils import counters
+
+    from reslab.bench import time_to_accuracy
+
+    graphs_after = []
+    real_run_seed = time_to_accuracy.run_seed
+
+    def spy(*args, **kwargs):
+        result = real_run_seed(*args, **kwargs)
+        graphs_after.append(counters["stats"]["unique_graphs"])
+        return result
+
+    monkeypatch.setattr(time_to_accuracy, "run_seed", spy)
+    time_to_accuracy.bench_time_to_accuracy(
+        "fast", seeds=2, data="digits", threads=2, out=str(tmp_path / "tta.json"), warmup_iterations=2,
+        iterations=2, batch_size=32, eval_batch_size=256, compile=True, amp="off")
+    assert graphs_after[0] > 0 and graphs_after[1:] == [graphs_after[0]] * 2
+
+
 def test_bench_cli_parses(tmp_path):
     from reslab.cli import build_parser
 
@@ -205,4 +242,6 @@ def test_bench_cli_parses(tmp_path):
     args = parser.parse_args(["bench", "train", "--data", "x", "--iterations", "5", "--compile"])
     assert args.iterations == 5 and args.compile and callable(args.func)
     args = parser.parse_args(["bench", "time-to-accuracy", "--recipe", "fast94", "--seeds", "3"])
-    assert args.recipe == "fast94" and args.seeds == 3
+    assert args.recipe == "fast94" and args.seeds == 3 and args.warmup_iterations == 0
+    args = parser.parse_args(["bench", "time-to-accuracy", "--recipe", "fast-gpu", "--warmup-iterations", "20"])
+    assert args.warmup_iterations == 20

@@ -59,7 +59,8 @@ def cmd_bench_tta(args: argparse.Namespace) -> int:
 
     overrides = coerce_values(json.loads(args.set)) if args.set else {}
     result = bench_time_to_accuracy(args.recipe, seeds=args.seeds, data=args.data, out_root=args.runs,
-                                    threads=args.threads, out=args.out, **overrides)
+                                    threads=args.threads, out=args.out, warmup_iterations=args.warmup_iterations,
+                                    **overrides)
     print_time_to_accuracy(result)
     return 0
 
@@ -112,6 +113,9 @@ def _build_bench(sub) -> None:
     a.add_argument("--data", default=DEFAULT_DATA)
     a.add_argument("--runs", default=None, help="keep the run directories here (default: a temporary folder)")
     a.add_argument("--set", default=None, metavar="JSON", help="TrainConfig overrides, e.g. '{\"epochs\": 1}'")
+    a.add_argument("--warmup-iterations", type=int, default=0, metavar="N",
+                   help="an untimed run of N steps first, so the timed seeds find torch.compile's graphs built "
+                        "(default 0: seed 0 then includes compilation)")
     _common(a)
     a.set_defaults(func=cmd_bench_tta)
 

@@ -44,21 +44,32 @@ def run_seed(recipe: str, seed: int, *, data: str | None, out_root: Path, **over
 
 def bench_time_to_accuracy(recipe: str = "fast", *, seeds: int = 3, data: str | None = None,
                            out_root: str | None = None, threads: int | None = None, out: str | None = None,
-                           **overrides) -> dict[str, Any]:
+                           warmup_iterations: int = 0, **overrides) -> dict[str, Any]:
     """Train ``recipe`` with seeds 0..seeds-1 and summarise; ``overrides`` are TrainConfig values
-    (e.g. ``epochs=1`` for a smoke test)."""
+    (e.g. ``epochs=1`` for a smoke test).
+
+    ``warmup_iterations``: first an untimed run of that many steps in this process (seed 0, its own folder), so
+    that the timed seeds find ``torch.compile``'s graphs built (dynamo reuses them for every new instance of the
+    same network) and cuDNN's algorithm choices made, as airbench times its runs after a warm-up run. With 0,
+    a compiling recipe's seed 0 pays for compilation and the later seeds do not."""
+    if warmup_iterations < 0:
+        raise ValueError(f"--warmup-iterations must be >= 0, got {warmup_iterations}")
     threads_used = set_threads(threads)
     load_before = loadavg()
-    runs = []
+    runs, warmup = [], None
     with tempfile.TemporaryDirectory(prefix="reslab-tta-") as tmp:
         root = Path(out_root) if out_root else Path(tmp)
+        if warmup_iterations:
+            w = run_seed(recipe, 0, data=data, out_root=root / "warmup", threads=threads,
+                         **{**overrides, "iterations": warmup_iterations})
+            warmup = {"iterations": w["steps"], "wall_seconds": w["wall_seconds"], "run_dir": w["run_dir"]}
         for seed in range(seeds):
             runs.append(run_seed(recipe, seed, data=data, out_root=root, threads=threads, **overrides))
     target, budget = TARGETS.get(recipe, (None, None))
     accs = [r["test_top1"] for r in runs]
     times = [r["train_seconds"] for r in runs]
     result = {
-        "recipe": recipe, "data": data, "seeds": seeds, "overrides": overrides, "runs": runs,
+        "recipe": recipe, "data": data, "seeds": seeds, "overrides": overrides, "warmup": warmup, "runs": runs,
         "test_top1_mean": statistics.mean(accs), "test_top1_std": statistics.pstdev(accs),
         "train_seconds_mean": statistics.mean(times),
         "wall_seconds_mean": statistics.mean(r["wall_seconds"] for r in runs),
@@ -74,6 +85,9 @@ def bench_time_to_accuracy(recipe: str = "fast", *, seeds: int = 3, data: str | 
 def print_time_to_accuracy(result: dict) -> None:
     print(f"recipe {result['recipe']} on {result['data']}, {result['seeds']} seeds, {result['torch_threads']} threads; "
           f"load average {result['loadavg_before']} -> {result['loadavg_after']}")
+    if result.get("warmup"):
+        print(f"untimed warm-up run first: {result['warmup']['iterations']} steps, "
+              f"{result['warmup']['wall_seconds']:.1f} s")
     print(format_table(result["runs"], [("seed", "seed"), ("test_top1", "test top-1"), ("train_seconds", "train s"),
                                         ("wall_seconds", "wall s"), ("train_images_per_s", "img/s"),
                                         ("epochs", "epochs")]))

@@ -383,6 +383,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resuming: bool, dist, on_step
                     on_step(step)
                 if step >= total_steps:
                     break
+            if device.type == "cuda":  # CUDA runs asynchronously: the epoch ends when its kernels have run
+                torch.cuda.synchronize(device)
             epoch_seconds = time.perf_counter() - t_epoch
             train_seconds += epoch_seconds
             train_images += seen * dist.world_size
