@@ -479,3 +479,18 @@ def test_evaluation_top1_breaks_exact_ties_like_argmax():
     loader = [(logits[i:i + 100], labels[i:i + 100]) for i in range(0, 1000, 100)]
     result = evaluate_loader(model, loader, device=torch.device("cpu"), amp_dtype=None, num_classes=10)
     assert result["top1"] == 1.0
+
+
+def test_cudnn_autotuning_follows_the_deterministic_flag():
+    """Non-deterministic runs let cuDNN pick the fastest algorithm per shape; --deterministic turns that off."""
+    from reslab.train.loop import seed_everything
+
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    try:
+        seed_everything(0, deterministic=False)
+        assert torch.backends.cudnn.benchmark
+        seed_everything(0, deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])

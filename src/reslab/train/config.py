@@ -105,7 +105,7 @@ class TrainConfig:
 
     # --- reproducibility and hardware
     seed: int = 0
-    deterministic: bool = False  # deterministic kernels (slower); exact resume works either way on CPU
+    deterministic: bool = False  # deterministic kernels, no cuDNN autotuning (slower); exact resume on CPU either way
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed
     nan_policy: str = "stop"  # stop | skip  (skip: drop the step and halve the learning rate)
