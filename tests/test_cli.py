@@ -85,7 +85,24 @@ def test_models_table(capsys):
 def test_recipes_listed(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "he2016-cifar" in out and "quick" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "he2016-cifar" in lines and "quick" in lines
+    # Each recipe is listed with the first sentence of its description ("et al. 2016" does not end it).
+    assert "Deep Residual Learning for Image Recognition" in lines["he2016-cifar"]
+    assert lines["quick"].rstrip().endswith("in about a minute on a 2-core CPU.")
+
+
+def test_one_recipe_shown_whole(capsys, tmp_path):
+    assert main(["recipes", "fast-gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "UNMEASURED on a GPU" in out and "  batch_size: 1024" in out
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("description: My own   schedule.\nepochs: 3\n")
+    assert main(["recipes", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "My own schedule." in out and "  epochs: 3" in out
+    assert main(["recipes", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, fragment", [

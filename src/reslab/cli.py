@@ -139,11 +139,22 @@ def _si(n: float) -> str:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from reslab.train.config import list_recipes, read_recipe
+    import re
+    import textwrap
 
-    for name in list_recipes():
-        values = read_recipe(name)
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items() if k != "per_model"))
+    from reslab.train.config import list_recipes, read_recipe, recipe_description
+
+    if args.name:  # one recipe, whole: what it is for, then its settings
+        settings = "\n".join(f"  {k}: {v}" for k, v in read_recipe(args.name).items())
+        print(f"{args.name}\n\n{textwrap.fill(recipe_description(args.name), 100)}\n\n{settings}")
+        return 0
+    names = list_recipes()
+    width = max(map(len, names))
+    for name in names:
+        # The first sentence: a full stop before a capital (so "et al. 2016" does not end it).
+        summary = re.split(r"(?<=[.])\s+(?=[A-Z`])", recipe_description(name), maxsplit=1)[0]
+        print(f"{name.ljust(width)}  {summary}")
+    print("\n`reslab recipes NAME` shows one recipe whole; `reslab train --recipe NAME` trains it.")
     return 0
 
 
@@ -202,7 +213,9 @@ def _build_models(sub) -> None:
 
 
 def _build_recipes(sub) -> None:
-    p = sub.add_parser("recipes", help="list the shipped training recipes")
+    p = sub.add_parser("recipes", help="list the shipped training recipes (or show one: reslab recipes NAME)")
+    p.add_argument("name", nargs="?", default=None,
+                   help="a recipe name or YAML file: print its description and settings")
     p.set_defaults(func=cmd_recipes)
 
 

@@ -216,6 +216,16 @@ def list_recipes() -> list[str]:
 
 def read_recipe(name_or_path: str) -> dict[str, Any]:
     """Values of a shipped recipe (by name) or of a YAML file (by path), checked against TrainConfig."""
+    return _read_recipe_file(name_or_path)[0]
+
+
+def recipe_description(name_or_path: str) -> str:
+    """A recipe's ``description`` (what it is for, what it reproduces, how it was chosen), one paragraph."""
+    return " ".join(str(_read_recipe_file(name_or_path)[1] or "").split())
+
+
+def _read_recipe_file(name_or_path: str) -> tuple[dict[str, Any], str | None]:
+    """(checked values, description) of a recipe."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -237,14 +247,14 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of option: value, got {type(values).__name__}")
-    values.pop("description", None)
+    description = values.pop("description", None)
     per_model = values.get("per_model", {})
     if not isinstance(per_model, dict) or not all(isinstance(v, dict) for v in per_model.values()):
         raise ConfigError(f"{where}: per_model must map model names to option mappings")
     for model_values in per_model.values():
         _check_keys(model_values, f"{where} (per_model)")
     _check_keys({k: v for k, v in values.items() if k != "per_model"}, where)
-    return values
+    return values, description
 
 
 def _check_keys(values: dict, where: str) -> None:
