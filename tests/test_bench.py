@@ -199,15 +199,18 @@ def test_bench_time_to_accuracy_writes_json(tmp_path):
     assert 0 <= saved["test_top1_mean"] <= 1 and saved["train_seconds_mean"] > 0
 
 
-def test_time_to_accuracy_warmup_run_is_untimed(tmp_path):
-    from reslab.bench.time_to_accuracy import bench_time_to_accuracy
+def test_time_to_accuracy_warmup_run_is_untimed(tmp_path, capsys):
+    from reslab.bench.time_to_accuracy import bench_time_to_accuracy, print_time_to_accuracy
 
     result = bench_time_to_accuracy("fast", seeds=1, data="digits", threads=1, out=str(tmp_path / "tta.json"),
                                     out_root=str(tmp_path / "runs"), warmup_iterations=2, iterations=3,
-                                    batch_size=32, eval_batch_size=256)
+                                    batch_size=32, eval_batch_size=256, val_fraction=0.2)
     assert result["warmup"]["iterations"] == 2 and result["warmup"]["wall_seconds"] > 0
     assert Path(result["warmup"]["run_dir"]).parent == tmp_path / "runs" / "warmup"
     assert [r["steps"] for r in result["runs"]] == [3]  # the timed seed is the whole run, not the warm-up
+    print_time_to_accuracy(result)
+    out = capsys.readouterr().out
+    assert "untimed warm-up run first: 2 steps" in out and "val top-1" in out  # a validation split is shown
     with pytest.raises(ValueError, match="--warmup-iterations"):
         bench_time_to_accuracy("fast", seeds=1, data="digits", warmup_iterations=-1)
 

@@ -88,9 +88,10 @@ def print_time_to_accuracy(result: dict) -> None:
     if result.get("warmup"):
         print(f"untimed warm-up run first: {result['warmup']['iterations']} steps, "
               f"{result['warmup']['wall_seconds']:.1f} s")
-    print(format_table(result["runs"], [("seed", "seed"), ("test_top1", "test top-1"), ("train_seconds", "train s"),
-                                        ("wall_seconds", "wall s"), ("train_images_per_s", "img/s"),
-                                        ("epochs", "epochs")]))
+    val = [("val_top1", "val top-1")] if any(r.get("val_top1") is not None for r in result["runs"]) else []
+    print(format_table(result["runs"], [("seed", "seed"), *val, ("test_top1", "test top-1"),
+                                        ("train_seconds", "train s"), ("wall_seconds", "wall s"),
+                                        ("train_images_per_s", "img/s"), ("epochs", "epochs")]))
     verdict = {True: "met", False: "NOT met", None: "no CPU target"}[result["met"]]
     target = f"{result['target_top1']:.0%}" if result["target_top1"] else "-"
     budget = f"{result['budget_seconds']:.0f} s" if result["budget_seconds"] else "-"
