@@ -204,7 +204,8 @@ class ModelRunner:
 
         self.run = Path(run)
         loaded = load_for_inference(run, device=device)
-        self.checkpoint, self.card, self.deployed, self.device = loaded.source, loaded.card, loaded.deployed, loaded.device
+        self.checkpoint, self.card = loaded.source, loaded.card
+        self.deployed, self.device = loaded.deployed, loaded.device
         self.temperature = stored_temperature(run)  # as `reslab predict`: 1.0 unless `reslab calibrate` fitted one
         prep = self.card["preprocessing"]
         self.classes: list[str] = list(self.card["classes"])

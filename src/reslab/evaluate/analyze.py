@@ -29,12 +29,9 @@ import torch
 def run_dir_of(run: str | Path) -> Path:
     """Where results about ``run`` are written: the run directory of a run or of a checkpoint folder inside
     one, or an exported / quantized folder itself."""
-    from reslab.deploy.artifact import artifact_card
-    from reslab.train.checkpoint import checkpoint_run_dir, find_checkpoint
+    from reslab.deploy.artifact import artifact_card, training_run_dir
 
-    if artifact_card(run) is not None:
-        return Path(run)
-    return checkpoint_run_dir(find_checkpoint(run))
+    return Path(run) if artifact_card(run) is not None else training_run_dir(run)
 
 
 def analysis_dir(run: str | Path, out: str | Path | None = None) -> Path:
