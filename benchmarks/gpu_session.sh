@@ -31,6 +31,9 @@ prepare() {  # the data in /tmp/cifar10 (once per machine), reslab importable fr
     mkdir -p /tmp/cifar10 && tar xf /tmp/cifar10-jpeg.tar -C /tmp/cifar10
   fi
   mkdir -p "$out"
+  # a folder of this call's own: a second `measure` or `sweep` on the same warm machine must not find the
+  # first one's runs there (reslab refuses to train over an existing run)
+  runs=$(mkdir -p /tmp/reslab-runs && mktemp -d /tmp/reslab-runs/XXXXXX)
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" RESLAB_CACHE=/tmp/reslab-cache
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } | tee "$out/gpu.txt"
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' | tee -a "$out/gpu.txt"
@@ -53,7 +56,7 @@ case "${1:-}" in
   measure)
     prepare
     python3 -m reslab bench time-to-accuracy --recipe fast-gpu --data /tmp/cifar10 --seeds "${SEEDS:-3}" \
-        --warmup-iterations "${WARMUP:-30}" ${SET:+--set "$SET"} --runs /tmp/reslab-tta \
+        --warmup-iterations "${WARMUP:-30}" ${SET:+--set "$SET"} --runs "$runs/tta" \
         --out "$out/time_to_accuracy_fast-gpu.json" 2>&1 | tee "$out/time_to_accuracy_fast-gpu.log"
     ;;
   sweep)
@@ -65,14 +68,14 @@ case "${1:-}" in
       i=$((i + 1))
       set_json=$(python3 -c 'import json, sys; print(json.dumps({"val_fraction": 0.1, **json.loads(sys.argv[1])}))' "$overrides")
       python3 -m reslab bench time-to-accuracy --recipe fast-gpu --data /tmp/cifar10 --seeds 1 \
-          --warmup-iterations "${WARMUP:-30}" --set "$set_json" --runs "/tmp/reslab-sweep/$i" \
-          --out "/tmp/reslab-sweep/$i.json" 2>&1 | tee -a "$out/sweep.log"
+          --warmup-iterations "${WARMUP:-30}" --set "$set_json" --runs "$runs/$i" \
+          --out "$runs/$i.json" 2>&1 | tee -a "$out/sweep.log"
     done
-    python3 - "$i" "$out/sweep.json" <<'PY'
+    python3 - "$i" "$out/sweep.json" "$runs" <<'PY'
 import json, sys
 rows = []
 for i in range(1, int(sys.argv[1]) + 1):
-    r = json.load(open(f"/tmp/reslab-sweep/{i}.json"))
+    r = json.load(open(f"{sys.argv[3]}/{i}.json"))
     rows.append({"overrides": r["overrides"], "val_top1": r["runs"][0]["val_top1"], "test_top1": r["test_top1_mean"],
                  "train_seconds": r["train_seconds_mean"], "environment": r.get("environment")})
 json.dump(rows, open(sys.argv[2], "w"), indent=1)
