@@ -248,3 +248,46 @@ def test_bench_cli_parses(tmp_path):
     assert args.recipe == "fast94" and args.seeds == 3 and args.warmup_iterations == 0
     args = parser.parse_args(["bench", "time-to-accuracy", "--recipe", "fast-gpu", "--warmup-iterations", "20"])
     assert args.warmup_iterations == 20
+
+
+# ------------------------------------------------------------------------ benchmarks/peak_bounds.py (the ceilings)
+
+
+@pytest.fixture(scope="module")
+def peak_bounds():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "peak_bounds.py"
+    spec = importlib.util.spec_from_file_location("peak_bounds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_bounds_turn_each_target_into_flops(peak_bounds):
+    """Target 1 needs 5x the reference's training FLOP/s (3 passes x 2 FLOPs a multiply-add), target 2 the
+    recipe's total training FLOPs over 300 s, Issue #7 4x fp32 eager's inference FLOP/s; each against its peak."""
+    peaks = {"fp32": 100e9, "int8": 200e9}
+    rows = peak_bounds.target_rows(peaks, "fp32", reference_images_per_s=300, eager_images_per_s=1000,
+                                   resnet20_macs=40_000_000, fast_macs=50_000_000, fast_epochs=10)
+    by_target = {r["target"].split()[0]: r for r in rows}
+    assert by_target["#3.1"]["needs"] == pytest.approx(5 * 300 * 240e6)       # 360 GFLOP/s
+    assert by_target["#3.1"]["needs_of_peak"] == pytest.approx(3.6) and not by_target["#3.1"]["reachable"]
+    assert by_target["#3.2"]["needs"] == pytest.approx(10 * 50_000 * 300e6 / 300)  # 500 GFLOP/s
+    assert by_target["#7"]["needs"] == pytest.approx(4 * 1000 * 80e6) and by_target["#7"]["peak"] == 200e9
+    assert by_target["#7"]["needs_of_peak"] == pytest.approx(1.6)
+    # a machine 4.5x as fast reaches the first target (360 of 450 GFLOP/s), not the second (500)
+    fast_rows = peak_bounds.target_rows({"fp32": 450e9, "int8": 1e12}, "fp32", reference_images_per_s=300,
+                                        eager_images_per_s=1000, resnet20_macs=40_000_000, fast_macs=50_000_000,
+                                        fast_epochs=10)
+    assert fast_rows[0]["reachable"] and fast_rows[2]["reachable"] and not fast_rows[1]["reachable"]
+
+
+def test_int8_peak_times_a_real_int8_product(peak_bounds):
+    """The int8 peak is measured per quantized engine on a real uint8 x int8 product, and the engine in use
+    before is restored."""
+    before = torch.backends.quantized.engine
+    peaks = peak_bounds.int8_linear_peak(n=128, repeats=1)
+    assert peaks and set(peaks) <= {"onednn", "x86"}
+    assert all(np.isfinite(v) and v > 1e6 for v in peaks.values())
+    assert torch.backends.quantized.engine == before
