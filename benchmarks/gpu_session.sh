@@ -63,22 +63,24 @@ case "${1:-}" in
     shift
     [ $# -gt 0 ] || { echo "usage: gpu_session.sh sweep JSON [JSON ...]  (TrainConfig overrides, one run each)" >&2; exit 2; }
     prepare
-    i=0
-    for overrides in "$@"; do
-      i=$((i + 1))
-      set_json=$(python3 -c 'import json, sys; print(json.dumps({"val_fraction": 0.1, **json.loads(sys.argv[1])}))' "$overrides")
-      python3 -m reslab bench time-to-accuracy --recipe fast-gpu --data /tmp/cifar10 --seeds 1 \
-          --warmup-iterations "${WARMUP:-30}" --set "$set_json" --runs "$runs/$i" \
-          --out "$runs/$i.json" 2>&1 | tee -a "$out/sweep.log"
-    done
-    python3 - "$i" "$out/sweep.json" "$runs" <<'PY'
+    # One process for every candidate: torch.compile's graphs (and cuDNN's choices) built for the first are reused
+    # by the next ones of the same shapes instead of being compiled again in a new process. sweep.json is
+    # rewritten after each candidate, so a call stopped at its time limit still brings back the finished ones.
+    python3 - "$out/sweep.json" "$runs" "${WARMUP:-30}" "$@" <<'PY' 2>&1 | tee "$out/sweep.log"
 import json, sys
+from reslab.bench.time_to_accuracy import bench_time_to_accuracy, print_time_to_accuracy
+from reslab.train.config import coerce_values
+
+out, runs, warmup, *candidates = sys.argv[1:]
 rows = []
-for i in range(1, int(sys.argv[1]) + 1):
-    r = json.load(open(f"{sys.argv[3]}/{i}.json"))
+for i, text in enumerate(candidates, 1):
+    overrides = {"val_fraction": 0.1, **coerce_values(json.loads(text))}
+    r = bench_time_to_accuracy("fast-gpu", seeds=1, data="/tmp/cifar10", out_root=f"{runs}/{i}",
+                               out=f"{runs}/{i}.json", warmup_iterations=int(warmup), **overrides)
+    print_time_to_accuracy(r)
     rows.append({"overrides": r["overrides"], "val_top1": r["runs"][0]["val_top1"], "test_top1": r["test_top1_mean"],
-                 "train_seconds": r["train_seconds_mean"], "environment": r.get("environment")})
-json.dump(rows, open(sys.argv[2], "w"), indent=1)
+                 "train_seconds": r["train_seconds_mean"], "warmup": r["warmup"], "environment": json.load(open(r["path"]))["environment"]})
+    json.dump(rows, open(out, "w"), indent=1)
 for row in rows:
     print(f"val {row['val_top1']:.4f}  train {row['train_seconds']:.2f} s  {json.dumps(row['overrides'])}")
 PY
