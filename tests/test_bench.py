@@ -266,21 +266,25 @@ def peak_bounds():
 
 def test_peak_bounds_turn_each_target_into_flops(peak_bounds):
     """Target 1 needs 5x the reference's training FLOP/s (3 passes x 2 FLOPs a multiply-add), target 2 the
-    recipe's total training FLOPs over 300 s, Issue #7 4x fp32 eager's inference FLOP/s; each against its peak."""
+    recipes' total training FLOPs over their budgets, Issue #7 4x fp32 eager's inference FLOP/s; each against
+    its peak."""
     peaks = {"fp32": 100e9, "int8": 200e9}
+    recipes = [{"name": "fast", "macs": 50_000_000, "epochs": 10, "budget_s": 300},
+               {"name": "fast94", "macs": 100_000_000, "epochs": 14, "budget_s": 1800}]
     rows = peak_bounds.target_rows(peaks, "fp32", reference_images_per_s=300, eager_images_per_s=1000,
-                                   resnet20_macs=40_000_000, fast_macs=50_000_000, fast_epochs=10)
-    by_target = {r["target"].split()[0]: r for r in rows}
-    assert by_target["#3.1"]["needs"] == pytest.approx(5 * 300 * 240e6)       # 360 GFLOP/s
-    assert by_target["#3.1"]["needs_of_peak"] == pytest.approx(3.6) and not by_target["#3.1"]["reachable"]
-    assert by_target["#3.2"]["needs"] == pytest.approx(10 * 50_000 * 300e6 / 300)  # 500 GFLOP/s
-    assert by_target["#7"]["needs"] == pytest.approx(4 * 1000 * 80e6) and by_target["#7"]["peak"] == 200e9
-    assert by_target["#7"]["needs_of_peak"] == pytest.approx(1.6)
+                                   resnet20_macs=40_000_000, recipes=recipes)
+    assert [r["target"].split()[0] for r in rows] == ["#3.1", "#3.2", "#3.2", "#7"]
+    assert "`fast94` (14 epochs) in 1800 s" in rows[2]["target"]
+    assert rows[0]["needs"] == pytest.approx(5 * 300 * 240e6)                # 360 GFLOP/s
+    assert rows[0]["needs_of_peak"] == pytest.approx(3.6) and not rows[0]["reachable"]
+    assert rows[1]["needs"] == pytest.approx(10 * 50_000 * 300e6 / 300)      # 500 GFLOP/s
+    assert rows[2]["needs"] == pytest.approx(14 * 50_000 * 600e6 / 1800)     # 233 GFLOP/s
+    assert rows[3]["needs"] == pytest.approx(4 * 1000 * 80e6) and rows[3]["peak"] == 200e9
+    assert rows[3]["needs_of_peak"] == pytest.approx(1.6)
     # a machine 4.5x as fast reaches the first target (360 of 450 GFLOP/s), not the second (500)
     fast_rows = peak_bounds.target_rows({"fp32": 450e9, "int8": 1e12}, "fp32", reference_images_per_s=300,
-                                        eager_images_per_s=1000, resnet20_macs=40_000_000, fast_macs=50_000_000,
-                                        fast_epochs=10)
-    assert fast_rows[0]["reachable"] and fast_rows[2]["reachable"] and not fast_rows[1]["reachable"]
+                                        eager_images_per_s=1000, resnet20_macs=40_000_000, recipes=recipes)
+    assert [r["reachable"] for r in fast_rows] == [True, False, True, True]
 
 
 def test_int8_peak_times_a_real_int8_product(peak_bounds):
