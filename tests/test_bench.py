@@ -253,15 +253,19 @@ def test_bench_cli_parses(tmp_path):
 # ------------------------------------------------------------------------ benchmarks/peak_bounds.py (the ceilings)
 
 
-@pytest.fixture(scope="module")
-def peak_bounds():
+def benchmark_script(name: str):
+    """The module of ``benchmarks/<name>.py`` (a script folder, not a package)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "benchmarks" / "peak_bounds.py"
-    spec = importlib.util.spec_from_file_location("peak_bounds", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def peak_bounds():
+    return benchmark_script("peak_bounds")
 
 
 def test_peak_bounds_turn_each_target_into_flops(peak_bounds):
@@ -295,3 +299,24 @@ def test_int8_peak_times_a_real_int8_product(peak_bounds):
     assert peaks and set(peaks) <= {"onednn", "x86"}
     assert all(np.isfinite(v) and v > 1e6 for v in peaks.values())
     assert torch.backends.quantized.engine == before
+
+
+def test_tta_views_schemes_match_reslab_tta():
+    """benchmarks/tta_views.py: its airbench scheme is exactly reslab's `--tta-flip --tta-shift 1`, its flip scheme
+    `--tta-flip`, on a real network's logits (so the richer schemes it reports are compared like for like)."""
+    from reslab.models import create_model
+    from reslab.train.engine import tta_logits
+
+    tta_views = benchmark_script("tta_views")
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    logits, labels = tta_views.view_logits(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert torch.equal(labels, y) and len(logits) == 18
+    schemes = tta_views.combinations(logits)
+    with torch.no_grad():
+        assert torch.allclose(schemes["none"], model(x), atol=1e-5)
+        assert torch.allclose(schemes["flip (2 views)"], tta_logits(model, x, flip=True), atol=1e-5)
+        airbench = schemes["flip + shift 1, airbench (6 views; reslab's --tta-shift 1)"]
+        assert torch.allclose(airbench, tta_logits(model, x, flip=True, shift=1), atol=1e-5)
+        assert not torch.allclose(schemes["flip + 3x3 grid, equal weights (18 views)"], airbench, atol=1e-5)
