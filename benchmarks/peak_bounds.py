@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from reslab.bench import format_table, loadavg, matmul_peak, median_rate, set_threads, time_calls, write_result
+from reslab.bench import (format_table, int8_matmul_peak, loadavg, matmul_peak, median_rate, set_threads, time_calls,
+                          write_result)
 from reslab.models import create_model
 from reslab.models.complexity import count_macs
 from reslab.train.config import resolve_config
@@ -41,25 +42,6 @@ from reslab.train.engine import cpu_has_fast_bf16
 
 # Issue #3 target 2: 90 % with `fast` in 5 minutes, 94 % with `fast94` in 30
 RECIPE_BUDGETS = {"fast": 300, "fast94": 1800}
-
-
-def int8_linear_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Achieved int8 OP/s (2 per multiply-add) of a quantized n x n linear layer on n rows, per quantized engine."""
-    import torch.ao.nn.quantized as nnq
-
-    peaks, before = {}, torch.backends.quantized.engine
-    gen = torch.Generator().manual_seed(0)
-    for engine in ("onednn", "x86"):
-        if engine not in torch.backends.quantized.supported_engines:
-            continue
-        torch.backends.quantized.engine = engine
-        layer = nnq.Linear(n, n)
-        layer.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, n, generator=gen) * 0.05, 0.01, 0,
-                                                        torch.qint8), None)
-        x = torch.quantize_per_tensor(torch.rand(n, n, generator=gen), 0.01, 0, torch.quint8)
-        peaks[engine] = 2 * n ** 3 / median_rate(time_calls(lambda: layer(x), repeats=repeats, min_seconds=0.3))
-    torch.backends.quantized.engine = before
-    return peaks
 
 
 def eager_inference(model: torch.nn.Module, batches=(32, 64, 128, 256), repeats: int = 5) -> dict[int, float]:
@@ -118,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     native_bf16 = cpu_has_fast_bf16()
     if native_bf16:  # emulated bf16 runs at a fraction of fp32 (minutes per matmul): no training precision
         peaks["bf16"] = matmul_peak(torch.bfloat16)
-    int8 = int8_linear_peak()
+    int8 = int8_matmul_peak()
     peaks["int8"] = max(int8.values())
     train_precision = "bf16" if native_bf16 else "fp32"
 

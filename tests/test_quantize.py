@@ -72,6 +72,20 @@ def test_quantize_cli(digits_run, tmp_path, capsys):
     assert all(set(v) == paths and v["int8_onnxruntime"]["batch_size"] == int(b)
                for b, v in report["throughput_by_batch"].items())
     assert report["best_throughput"]["paths"]["fp32_eager"]["batch_size"] in (8, 64, 200)
+    # The int8 ceiling: this CPU's int8 matmul rate over the FLOP/s fp32 eager reached at its fastest batch.
+    ceiling = report["int8_ceiling"]
+    from reslab.deploy.artifact import load_for_inference
+    from reslab.models.complexity import count_macs
+
+    card = json.loads((tmp_path / "c" / "model.json").read_text())
+    h, w = card["preprocessing"]["input_size"]
+    macs = count_macs(load_for_inference(digits_run, device="cpu").model, (card["in_chans"], h, w))
+    eager = report["best_throughput"]["paths"]["fp32_eager"]["images_per_s"]
+    assert ceiling["macs"] == macs and ceiling["fp32_eager_flops"] == pytest.approx(2 * macs * eager)
+    assert ceiling["int8_peak_ops"] == max(ceiling["int8_peak_per_engine"].values()) > 0
+    assert ceiling["max_speedup_vs_fp32_eager"] == pytest.approx(ceiling["int8_peak_ops"] / (2 * macs * eager))
+    assert ceiling["int8_over_fp32_peak"] == pytest.approx(ceiling["int8_peak_ops"] / ceiling["fp32_peak_flops"])
+    assert "int8 ceiling:" in out
     assert main(["quantize", str(digits_run), "--calibration-images", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["quantize", str(digits_run), "--batch-sweep", "16,zero"])

@@ -6,7 +6,7 @@ with the load, ratios measured together much less. Every result is stamped with
 ``reslab.train.rundir.environment_info()``, the command, and the load average before and after.
 
 Shared helpers live here: timing (:func:`median_rate`), the JSON result (:func:`write_result`), table
-printing (:func:`format_table`) and the matmul peak (:func:`matmul_peak`).
+printing (:func:`format_table`) and the matmul peaks (:func:`matmul_peak`, :func:`int8_matmul_peak`).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["RESULTS_DIR", "median_rate", "time_calls", "time_interleaved", "matmul_peak", "loadavg", "write_result",
-           "format_table", "set_threads"]
+__all__ = ["RESULTS_DIR", "median_rate", "time_calls", "time_interleaved", "matmul_peak", "int8_matmul_peak",
+           "loadavg", "write_result", "format_table", "set_threads"]
 
 RESULTS_DIR = Path("benchmarks") / "results"
 
@@ -85,6 +85,32 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int
     with torch.no_grad():
         seconds = time_calls(lambda: torch.mm(a, b), repeats=repeats, min_seconds=0.3)
     return 2 * n ** 3 / median_rate(seconds)
+
+
+def int8_matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Achieved int8 OP/s (2 per multiply-add) of a quantized n x n linear layer on n rows (uint8 activations x
+    int8 weights, the product behind PyTorch's and ONNX Runtime's int8 convolutions), for each quantized engine
+    of this PyTorch (``onednn``, ``x86``): the int8 counterpart of :func:`matmul_peak`. The engine in use before
+    is restored."""
+    import torch.ao.nn.quantized as nnq
+
+    peaks, before = {}, torch.backends.quantized.engine
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for engine in ("onednn", "x86"):
+            if engine not in torch.backends.quantized.supported_engines:
+                continue
+            torch.backends.quantized.engine = engine
+            layer = nnq.Linear(n, n)
+            weight = torch.quantize_per_tensor(torch.randn(n, n, generator=gen) * 0.05, 0.01, 0, torch.qint8)
+            layer.set_weight_bias(weight, None)
+            x = torch.quantize_per_tensor(torch.rand(n, n, generator=gen), 0.01, 0, torch.quint8)
+            with torch.no_grad():
+                seconds = time_calls(lambda: layer(x), repeats=repeats, min_seconds=0.3)
+            peaks[engine] = 2 * n ** 3 / median_rate(seconds)
+    finally:
+        torch.backends.quantized.engine = before
+    return peaks
 
 
 def command_line() -> str:

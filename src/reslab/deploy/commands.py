@@ -75,6 +75,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print("at each path's fastest batch: " + "  ".join(
             f"{k} {v['images_per_s']:.0f} (b{v['batch_size']})" for k, v in best["paths"].items()) +
               f"  (int8 = {best['speedup_vs_fp32_eager'][int8_key]:.2f}x fp32 eager)")
+    if "int8_ceiling" in r:
+        c = r["int8_ceiling"]
+        print(f"int8 ceiling: this CPU multiplies int8 {c['int8_over_fp32_peak']:.1f}x as fast as fp32, so int8 can "
+              f"reach at most {c['max_speedup_vs_fp32_eager']:.1f}x fp32 eager for this model")
     if "selection" in r:
         sel = r["selection"]
         print("--runtime auto: " + "  ".join(

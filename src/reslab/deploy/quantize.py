@@ -114,6 +114,25 @@ def best_throughput(by_batch: dict[int, dict[str, dict[str, float]]]) -> dict[st
     return {"paths": best, "speedup_vs_fp32_eager": {k: v["images_per_s"] / base for k, v in best.items()}}
 
 
+def int8_ceiling(model: nn.Module, input_shape: tuple[int, int, int], fp32_eager_images_per_s: float, *,
+                 repeats: int = 3) -> dict[str, Any]:
+    """The most int8 could gain over fp32 eager on this CPU: its int8 matmul rate
+    (:func:`reslab.bench.int8_matmul_peak`) over the FLOP/s ``model``'s fp32 eager inference reached (2 per
+    multiply-add). int8 convolutions cannot run faster than the int8 product they are made of, so where this is
+    under 4 (AVX2 CPUs without VNNI, whose int8 multiplies only ~2x as fast as fp32), no int8 runtime reaches
+    the 4x target (docs/deploy.md)."""
+    from reslab.bench import int8_matmul_peak, matmul_peak
+    from reslab.models.complexity import count_macs
+
+    macs = count_macs(model, input_shape)
+    per_engine = int8_matmul_peak(repeats=repeats)
+    int8_peak, fp32_peak = max(per_engine.values()), matmul_peak(torch.float32, repeats=repeats)
+    eager_flops = 2 * macs * fp32_eager_images_per_s
+    return {"macs": macs, "int8_peak_ops": int8_peak, "int8_peak_per_engine": per_engine,
+            "fp32_peak_flops": fp32_peak, "int8_over_fp32_peak": int8_peak / fp32_peak,
+            "fp32_eager_flops": eager_flops, "max_speedup_vs_fp32_eager": int8_peak / eager_flops}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Quantization
 # ---------------------------------------------------------------------------------------------------------
@@ -449,6 +468,10 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
             by_batch.setdefault(int(bench_batch.shape[0]), report["throughput"])
         report["throughput_by_batch"] = {str(b): by_batch[b] for b in sorted(by_batch)}
         report["best_throughput"] = best_throughput(by_batch)
+    if bench_batch is not None:
+        speed = report["best_throughput"]["paths"] if sweep_batches else report["throughput"]
+        report["int8_ceiling"] = int8_ceiling(model, tuple(bench_batch.shape[1:]),
+                                              speed["fp32_eager"]["images_per_s"], repeats=min(repeats, 3))
     if runtime == "auto":
         speed = report["best_throughput"]["paths"] if sweep_batches else report["throughput"]
         report["selection"] = choose_runtime(speed, correct, at_best_batch=bool(sweep_batches))
