@@ -472,8 +472,7 @@ def quantize_model(model: nn.Module, card: dict[str, Any], out: str | Path,
         speed = report["best_throughput"]["paths"] if sweep_batches else report["throughput"]
         report["int8_ceiling"] = int8_ceiling(model, tuple(bench_batch.shape[1:]),
                                               speed["fp32_eager"]["images_per_s"], repeats=min(repeats, 3))
-    if runtime == "auto":
-        speed = report["best_throughput"]["paths"] if sweep_batches else report["throughput"]
+    if runtime == "auto":  # auto needs bench_batch (_check_runtime), so `speed` is the timing above
         report["selection"] = choose_runtime(speed, correct, at_best_batch=bool(sweep_batches))
         chosen = report["selection"]["chosen"]
     else:
