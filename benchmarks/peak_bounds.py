@@ -26,15 +26,13 @@ each):
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import time
-from pathlib import Path
 
 import torch
 
 from reslab.bench import (format_table, int8_matmul_peak, loadavg, matmul_peak, median_rate, set_threads, time_calls,
                           write_result)
+from reslab.bench.train_speed import load_reference, train_dir_of
 from reslab.models import create_model
 from reslab.models.complexity import count_macs
 from reslab.train.config import resolve_config
@@ -56,10 +54,8 @@ def eager_inference(model: torch.nn.Module, batches=(32, 64, 128, 256), repeats:
 
 
 def reference_training(data: str, iterations: int, repeats: int) -> list[float]:
-    spec = importlib.util.spec_from_file_location("reference_pipeline", Path(__file__).with_name("reference_pipeline.py"))
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    train_dir = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
+    """The reference pipeline's end-to-end training images/s, ``repeats`` times (in this process)."""
+    ref, train_dir = load_reference(), str(train_dir_of(data))
     loader = ref.make_loader(train_dir)
     return [ref.reference_throughput(train_dir, iterations=iterations, loader=loader)["images_per_s"]
             for _ in range(repeats)]
